@@ -1,0 +1,174 @@
+"""DIFF V2, the standard GQA baseline and DIFF V1 attention from one module (spec §2, §3, §4).
+
+Legend: B batch, N sequence, M d_model, H output heads (h), Q query heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffv2.config import AttentionConfig, ModelConfig
+from diffv2.kernels import causal_attention
+from diffv2.rope import RotaryEmbedding
+
+# An observer receives (layer_idx, stats dict) from the same forward; None costs nothing (monitoring hook).
+Observer = Callable[[int, dict], None]
+
+
+def query_heads(cfg: ModelConfig) -> int:
+    """Query heads fed to the attention kernel for each variant."""
+    a, h = cfg.attention, cfg.n_heads
+    if a.variant == "diffv2":
+        return 2 * h
+    if a.variant == "baseline":
+        return round(a.head_multiplier * h)
+    return h  # diffv1: 2 * (h/2) heads of d, split into q1/q2
+
+
+def output_heads(cfg: ModelConfig) -> int:
+    """Heads of width head_dim concatenated before o_proj."""
+    return query_heads(cfg) if cfg.attention.variant == "baseline" else cfg.n_heads
+
+
+def validate_heads(cfg: ModelConfig) -> None:
+    """One-line errors for head layouts that break pairing or GQA grouping (spec R1, T3, T16)."""
+    a, h, hkv = cfg.attention, cfg.n_heads, cfg.n_kv_heads
+    if h <= 0 or hkv <= 0:
+        raise ValueError(f"model.n_heads={h} and model.n_kv_heads={hkv} must be positive")
+    if a.variant == "diffv2" and (h % hkv or hkv > h):
+        raise ValueError(
+            f"DIFF V2 pairs need n_heads % n_kv_heads == 0 (spec R1): n_heads={h}, n_kv_heads={hkv} puts heads 2i and "
+            f"2i+1 in different GQA groups; choose n_kv_heads dividing n_heads"
+        )
+    if a.variant == "baseline":
+        nq = a.head_multiplier * h
+        if nq != round(nq) or round(nq) % hkv:
+            raise ValueError(
+                f"baseline query heads head_multiplier*n_heads = {a.head_multiplier}*{h} = {nq} must be an integer "
+                f"multiple of n_kv_heads={hkv}; pick head_multiplier or n_kv_heads accordingly"
+            )
+    if a.variant == "diffv1" and (h % 2 or hkv % 2 or (h // 2) % (hkv // 2)):
+        raise ValueError(
+            f"DIFF V1 uses n_heads/2 and n_kv_heads/2 heads (spec §3): n_heads={h}, n_kv_heads={hkv} must both be even "
+            f"with n_kv_heads/2 dividing n_heads/2"
+        )
+    if a.variant != "diffv2" and (a.pairing != "interleave" or a.lambda_mode != "sigmoid"):
+        raise ValueError(f"attention.pairing / lambda_mode are DIFF V2 ablations; they need attention.variant=diffv2")
+    if a.variant != "baseline" and a.head_multiplier != 1.0:
+        raise ValueError(f"attention.head_multiplier={a.head_multiplier} applies to variant=baseline only")
+
+
+def lambda_init(depth: int) -> float:
+    """DIFF V1 lambda_init schedule, depth = 0-based layer index (spec §3)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return y * self.weight if self.weight is not None else y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "math"):
+        super().__init__()
+        validate_heads(cfg)
+        a: AttentionConfig = cfg.attention
+        self.cfg, self.layer_idx, self.backend = a, layer_idx, backend
+        self.variant, self.head_dim = a.variant, cfg.head_dim
+        self.n_q, self.n_out, self.n_kv = query_heads(cfg), output_heads(cfg), cfg.n_kv_heads
+        d, m = cfg.head_dim, cfg.d_model
+        self.q_proj = nn.Linear(m, self.n_q * d, bias=False)
+        self.k_proj = nn.Linear(m, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(m, self.n_kv * d, bias=False)  # V1: n_kv/2 heads of 2d, same size
+        self.o_proj = nn.Linear(self.n_out * d, m, bias=False)
+        self.lambda_proj = None
+        if self.variant == "diffv2" and a.lambda_mode != "none":  # ablation 2 has no lambda at all
+            self.lambda_proj = nn.Linear(m, cfg.n_heads, bias=False)  # one lambda per token per output head
+        if self.variant == "diffv1":
+            self.lambda_init = lambda_init(layer_idx)
+            self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+                nn.Parameter(torch.zeros(d)) for _ in range(4)
+            )
+            self.subln = RMSNorm(2 * d, eps=1e-5)  # one affine shared by all heads (spec §3)
+        self.q_norm = RMSNorm(d, cfg.norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.norm_eps) if a.qk_norm else None
+        self.rope = RotaryEmbedding(d, cfg.max_seq_len, a.rope_theta, a.rope_style)
+        self.observer: Optional[Observer] = None
+
+    def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, _ = x_BNM.shape
+        q_BNQD = self.q_proj(x_BNM).view(b, n, self.n_q, self.head_dim)
+        k_BNKD = self.k_proj(x_BNM).view(b, n, self.n_kv, self.head_dim)
+        v = self.v_proj(x_BNM)
+        if self.q_norm is not None:  # before RoPE, as Qwen3
+            q_BNQD, k_BNKD = self.q_norm(q_BNQD), self.k_norm(k_BNKD)
+        q_BNQD, k_BNKD = self.rope(q_BNQD), self.rope(k_BNKD)
+        if self.variant == "diffv1":
+            ctx_BNHD = self.diffv1_core(q_BNQD, k_BNKD, v.view(b, n, self.n_kv // 2, 2 * self.head_dim), doc_ids_BN)
+        else:
+            v_BNKD = v.view(b, n, self.n_kv, self.head_dim)
+            lam_BNH = self.lambda_proj(x_BNM) if self.lambda_proj is not None else None  # spec A6: input of q/k/v
+            ctx_BNHD = self.core(q_BNQD, k_BNKD, v_BNKD, lam_BNH, doc_ids_BN)
+        return self.o_proj(ctx_BNHD.reshape(b, n, -1))
+
+    def core(self, q_BNQD, k_BNKD, v_BNKD, lam_BNH=None, doc_ids_BN=None) -> torch.Tensor:
+        """Attention kernel, then (DIFF V2) the per-pair differential combination; returns (B, N, H, D)."""
+        attn_BNQD = causal_attention(q_BNQD, k_BNKD, v_BNKD, self.backend, doc_ids_BN)
+        if self.variant != "diffv2":
+            self._observe(context=attn_BNQD)
+            return attn_BNQD
+        if self.cfg.pairing == "interleave":  # spec §2.4: heads 2i, 2i+1 share a GQA group
+            attn1_BNHD, attn2_BNHD = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
+        else:  # ablation 1 (spec R3): pairs across groups
+            attn1_BNHD, attn2_BNHD = attn_BNQD.chunk(2, dim=2)
+        ctx_BNHD, scale_BNH = combine(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
+        self._observe(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH)
+        return ctx_BNHD
+
+    def diffv1_core(self, q_BNQD, k_BNKD, v_BNKE, doc_ids_BN=None) -> torch.Tensor:
+        """DIFF V1, flash-version semantics (spec §3, A24): q1/k1 = even heads, q2/k2 = odd heads, V of width 2D."""
+        d = self.head_dim
+        q12 = torch.cat((q_BNQD[:, :, 0::2], q_BNQD[:, :, 1::2]), dim=2)  # [q1 heads | q2 heads]
+        k12 = torch.cat((k_BNKD[:, :, 0::2], k_BNKD[:, :, 1::2]), dim=2)  # [k1 heads | k2 heads]
+        # Two calls over the V halves (flashdiff_2): the kernel needs equal qk and v widths.
+        halves = [causal_attention(q12, k12, torch.cat((vh, vh), dim=2), self.backend, doc_ids_BN)
+                  for vh in (v_BNKE[..., :d], v_BNKE[..., d:])]
+        attn_BNQE = torch.cat(halves, dim=-1)
+        attn1_BNHE, attn2_BNHE = attn_BNQE.chunk(2, dim=2)
+        lam = (
+            torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
+            - torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
+            + self.lambda_init
+        ).to(q_BNQD.dtype)
+        ctx = self.subln(attn1_BNHE - lam * attn2_BNHE) * (1 - self.lambda_init)
+        b, n, hh, _ = ctx.shape
+        ctx_BNHD = ctx.reshape(b, n, 2 * hh, d)
+        self._observe(context=ctx_BNHD, lambda_full=lam)
+        return ctx_BNHD
+
+    def _observe(self, **stats) -> None:
+        if self.observer is not None:
+            self.observer(self.layer_idx, stats)
+
+
+def combine(attn1_BNHD, attn2_BNHD, lam_BNH, lambda_mode: str, fp32: bool):
+    """attn1 - s * attn2 with s = sigmoid(lambda) (spec §2.2 step 5); nothing after the subtraction (T10)."""
+    out_dtype = attn1_BNHD.dtype
+    if lambda_mode == "none":  # ablation 2: plain attn1 - attn2
+        return attn1_BNHD - attn2_BNHD, None
+    compute_dtype = torch.float32 if fp32 else out_dtype  # spec A5: bf16 sigmoid has 2^-8 steps near 1
+    lam_BNH = lam_BNH.to(compute_dtype)
+    scale_BNH = torch.sigmoid(lam_BNH) if lambda_mode == "sigmoid" else lam_BNH  # "raw" = ablation 3
+    diff_BNHD = attn1_BNHD.to(compute_dtype) - scale_BNH.unsqueeze(-1) * attn2_BNHD.to(compute_dtype)
+    return diff_BNHD.to(out_dtype), scale_BNH

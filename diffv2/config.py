@@ -1,0 +1,135 @@
+"""The config schema: every key, its type, default and one-line doc. YAML under configs/ only picks values.
+
+Registered with Hydra's ConfigStore by `register_configs()`; `validate(cfg)` turns every user mistake we can
+see before start-up into one ValueError line that names the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+ATTENTION_VARIANTS = ("diffv2", "baseline", "diffv1")
+PAIRINGS = ("interleave", "half_split")
+LAMBDA_MODES = ("sigmoid", "none", "raw")
+BACKENDS = ("auto", "flash_attn", "cudnn", "sdpa_flash", "flex", "math")
+ROPE_STYLES = ("interleaved", "half")
+
+
+@dataclass
+class AttentionConfig:
+    variant: str = "diffv2"  # diffv2 | baseline | diffv1 (spec §2, §4, §3)
+    head_multiplier: float = 1.0  # baseline only: query heads = multiplier*h (1.5 = ablation 4, 2.0 = 2h baseline)
+    pairing: str = "interleave"  # diffv2 only: interleave = pairs (2i, 2i+1) per spec §2.4; half_split = ablation 1
+    lambda_mode: str = "sigmoid"  # diffv2 only: sigmoid (spec) | none (sigma=1, ablation 2) | raw (no sigmoid, ablation 3)
+    combine_fp32: bool = True  # diffv2: sigmoid and subtraction in fp32 (spec A5); False = bit-faithful activation dtype
+    backend: str = "auto"  # auto | flash_attn | cudnn | sdpa_flash | flex | math
+    doc_mask: bool = False  # mask attention across EOD document boundaries in packed sequences
+    qk_norm: bool = False  # per-head RMSNorm over head_dim on q and k before RoPE (Qwen3 style)
+    rope_style: str = "interleaved"  # interleaved (GPT-J, reference) | half (NeoX)
+    rope_theta: float = 10000.0  # RoPE base
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # preset name, used in run names and tags
+    d_model: int = 256  # residual width D
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # h: output heads (= baseline query heads; DIFF V2 has 2h query heads)
+    n_kv_heads: int = 2  # h_kv: key/value heads (GQA)
+    head_dim: int = 64  # d: per-head dimension of q, k, v
+    ffn_hidden: int = 768  # SwiGLU intermediate size
+    vocab_size: int = 384  # embedding rows; must be >= the tokenizer's vocabulary
+    max_seq_len: int = 4096  # RoPE table length; the training sequence length must not exceed it
+    tie_embeddings: bool = False  # share the token embedding with the lm_head
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # N(0, init_std) for every linear and embedding weight
+    scale_residual_init: bool = True  # residual output projections get init_std / sqrt(2 * n_layers)
+    z_loss: float = 0.0  # coefficient of the log(Z)^2 auxiliary loss on the lm_head logits
+    param_match: bool = False  # diffv2: shrink ffn_hidden so non-embedding params match the h-head baseline (spec A2)
+    ce_chunk: int = 8192  # tokens per chunk of the fused lm_head + cross-entropy (never full fp32 logits)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"  # dataset name for run names
+    prefixes: List[str] = field(default_factory=list)  # Megatron .bin/.idx prefixes; empty = the shipped sample corpus
+    weights: Optional[List[float]] = None  # blend weights, one per prefix (None = proportional to size)
+    tokenizer: str = "byte"  # byte | path to an HF tokenizer.json (must match what the data was prepared with)
+    seq_len: int = 256  # training sequence length in tokens
+    split: str = "98,2,0"  # train,valid,test split of each prefix (Megatron convention)
+    cache_dir: str = "${oc.env:DIFFV2_CACHE,${oc.env:HOME}/.cache/diffv2}"  # sample preparation + index caches
+    num_workers: int = 1  # DataLoader worker processes (0 = in the training process)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 30  # linear warm-up steps
+    decay_fraction: float = 0.2  # wsd: share of steps in the final decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay for matrices
+    decay_norms_and_embeddings: bool = False  # also decay norms, biases and embeddings
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    fused: str = "auto"  # auto (fused on GPU) | on | off
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    micro_batch_size: int = 8  # sequences per forward/backward
+    global_batch_size: int = 8  # sequences per optimizer step (multiple of micro_batch_size * world size)
+    max_steps: int = 300  # optimizer steps
+    log_interval: int = 10  # steps between console/metrics lines
+    eval_interval: int = 100  # steps between validation passes (0 = only at the end)
+    eval_batches: int = 8  # micro-batches per validation pass
+    ckpt_interval: int = 100  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: str = "auto"  # auto (latest valid checkpoint in the run dir) | none | path to a checkpoint
+    compile: bool = False  # torch.compile each block
+    deterministic: bool = True  # deterministic algorithms on CPU (exact resume); off on GPU for speed
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "diffv2"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team)
+    tags: List[str] = field(default_factory=list)  # extra tags (variant, size and lr are added automatically)
+    name: Optional[str] = None  # run name (default: the run directory's name)
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # progress bar on the console
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    seed: int = 0  # seeds model init, data shuffling and every RNG
+    run_name: str = "${model.name}-${model.attention.variant}-s${seed}"  # run directory name under runs/
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="attention", name="schema", node=AttentionConfig, package="model.attention")
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="optim", name="schema", node=OptimConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="logging", name="schema", node=LoggingConfig)

@@ -1,0 +1,51 @@
+"""lm_head + cross-entropy (+ z-loss) in token chunks, gradients computed in the forward.
+
+Full (tokens x vocab) fp32 logits are never materialised: each chunk's logits live only while its loss and
+its gradients w.r.t. the hidden states and the lm_head weight are computed, so backward is a rescale.
+
+Legend: T tokens, M d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_TM, weight_VM, labels_T, chunk: int, z_coef: float):
+        n = labels_T.numel()
+        grad_h_TM = torch.empty_like(h_TM)
+        grad_w_VM = torch.zeros(weight_VM.shape, dtype=torch.float32, device=weight_VM.device)
+        ce_sum = h_TM.new_zeros((), dtype=torch.float32)
+        z_sum = h_TM.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            h_CM, y_C = h_TM[start : start + chunk], labels_T[start : start + chunk]
+            logits_CV = (h_CM @ weight_VM.t()).float()
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            ce_sum += (lse_C - logits_CV.gather(1, y_C[:, None]).squeeze(1)).sum()
+            z_sum += lse_C.square().sum()
+            # d(ce + z_coef * lse^2)/dlogits = softmax * (1 + 2 z_coef lse) - onehot, all over n tokens
+            grad_CV = torch.exp(logits_CV - lse_C[:, None]) * (1 + 2 * z_coef * lse_C)[:, None]
+            grad_CV.scatter_add_(1, y_C[:, None], grad_CV.new_full((y_C.numel(), 1), -1.0))
+            grad_CV = (grad_CV / n).to(h_TM.dtype)
+            grad_h_TM[start : start + chunk] = grad_CV @ weight_VM
+            grad_w_VM += grad_CV.t() @ h_CM
+        ctx.save_for_backward(grad_h_TM, grad_w_VM.to(weight_VM.dtype))
+        ce, z = ce_sum / n, z_sum / n
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z_coef * z, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+        grad_h_TM, grad_w_VM = ctx.saved_tensors
+        return grad_h_TM * grad_loss.to(grad_h_TM.dtype), grad_w_VM * grad_loss.to(grad_w_VM.dtype), None, None, None
+
+
+def linear_cross_entropy(h_TM, weight_VM, labels_T, chunk: int = 8192, z_coef: float = 0.0):
+    """Returns (loss = ce + z_coef * z, ce, z) as means over tokens; only `loss` carries gradients."""
+    if torch.is_autocast_enabled(h_TM.device.type):
+        dtype = torch.get_autocast_dtype(h_TM.device.type)
+        h_TM, weight_VM = h_TM.to(dtype), weight_VM.to(dtype)
+    with torch.autocast(h_TM.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h_TM, weight_VM, labels_T, chunk, z_coef)

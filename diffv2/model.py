@@ -1,0 +1,102 @@
+"""Pre-norm decoder-only Transformer; the attention variant is one config switch (spec A14: every layer).
+
+Legend: B batch, N sequence, M d_model, V vocab, F ffn hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffv2.attention import Attention, RMSNorm
+from diffv2.config import ModelConfig
+from diffv2.loss import linear_cross_entropy
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x_BNM: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_BNM)) * self.up_proj(x_BNM))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx, backend)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x_BNM = x_BNM + self.attn(self.attn_norm(x_BNM), doc_ids_BN)
+        return x_BNM + self.mlp(self.mlp_norm(x_BNM))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: str = "math"):
+        super().__init__()
+        from diffv2.flops import effective_config
+
+        cfg = effective_config(cfg)  # applies param_match (spec A2)
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i, backend) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Per-block outputs go here when set (activation monitoring); None costs nothing.
+        self.block_observer = None
+        self.init_weights()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std) everywhere; residual output projections / sqrt(2L); same for every variant (spec A3/A4)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scale_residual_init else std
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                if name.endswith(("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")):
+                    nn.init.normal_(p, std=0.1)  # DIFF V1 reference init (spec §3)
+                else:
+                    nn.init.ones_(p)  # norm weights
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def hidden(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x_BNM = self.embed(tokens_BN)
+        for block in self.blocks:
+            x_BNM = block(x_BNM, doc_ids_BN)
+            if self.block_observer is not None:
+                self.block_observer(block.attn.layer_idx, x_BNM)
+        return self.norm(x_BNM)
+
+    def forward(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full logits (B, N, V); for inference and tests. Training uses `loss`."""
+        return F.linear(self.hidden(tokens_BN, doc_ids_BN), self.lm_head_weight)
+
+    def loss(self, tokens_BN, labels_BN, doc_ids_BN=None):
+        """(loss incl. z-loss, cross-entropy, mean log(Z)^2); logits are never materialised in full."""
+        h_BNM = self.hidden(tokens_BN, doc_ids_BN)
+        return linear_cross_entropy(
+            h_BNM.flatten(0, 1), self.lm_head_weight, labels_BN.flatten(), self.cfg.ce_chunk, self.cfg.z_loss
+        )
+
+
+def with_attention(cfg: ModelConfig, **overrides) -> ModelConfig:
+    """A copy of cfg with attention fields replaced (tests and benchmarks build several arms from one config)."""
+    return replace(cfg, attention=replace(cfg.attention, **overrides))

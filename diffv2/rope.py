@@ -1,0 +1,41 @@
+"""Rotary position embedding, interleaved (GPT-J, the DIFF V2 reference) or half-split (NeoX).
+
+Legend: B batch, N sequence, H heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin tables for positions [0, max_seq_len) and rotates q/k of shape (B, N, H, D)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, style: str):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"model.head_dim={head_dim} must be even for RoPE")
+        self.style, self.max_seq_len = style, max_seq_len
+        inv_freq_F = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angle_NF = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq_F[None, :]
+        # fp32 tables, not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("cos_NF", angle_NF.cos().float(), persistent=False)
+        self.register_buffer("sin_NF", angle_NF.sin().float(), persistent=False)
+
+    def forward(self, x_BNHD: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        n = x_BNHD.shape[1]
+        if offset + n > self.max_seq_len:
+            raise ValueError(
+                f"sequence position {offset + n} exceeds model.max_seq_len={self.max_seq_len}; raise model.max_seq_len"
+            )
+        cos = self.cos_NF[offset : offset + n, None, :]
+        sin = self.sin_NF[offset : offset + n, None, :]
+        x = x_BNHD.float()  # rotate in fp32, cast back once
+        if self.style == "interleaved":  # pairs (x[2m], x[2m+1]), spec §2.2 step 2
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        else:  # NeoX: pairs (x[m], x[m + D/2])
+            x0, x1 = x.chunk(2, dim=-1)
+            out = torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.type_as(x_BNHD)
