@@ -133,3 +133,63 @@ def register_configs() -> None:
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="logging", name="schema", node=LoggingConfig)
+
+
+def _choice(key: str, value: str, options: tuple) -> None:
+    if value not in options:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(options)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Reject every inconsistent setting we can see before loading data or building the model."""
+    from diffv2.attention import validate_heads
+
+    a, m, t, o = cfg.model.attention, cfg.model, cfg.trainer, cfg.optim
+    _choice("model.attention.variant", a.variant, ATTENTION_VARIANTS)
+    _choice("model.attention.pairing", a.pairing, PAIRINGS)
+    _choice("model.attention.lambda_mode", a.lambda_mode, LAMBDA_MODES)
+    _choice("model.attention.backend", a.backend, BACKENDS)
+    _choice("model.attention.rope_style", a.rope_style, ROPE_STYLES)
+    _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    _choice("optim.fused", o.fused, ("auto", "on", "off"))
+    _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
+    for key in ("d_model", "n_layers", "head_dim", "ffn_hidden", "vocab_size", "max_seq_len", "ce_chunk"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_batches"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    for key in ("eval_interval", "ckpt_interval", "keep_last"):
+        _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("data.seq_len", cfg.data.seq_len)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if not 0 < a.head_multiplier <= 4:
+        raise ValueError(f"model.attention.head_multiplier={a.head_multiplier} must be in (0, 4]")
+    validate_heads(m)
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the RoPE table); "
+            f"lower data.seq_len or raise model.max_seq_len"
+        )
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x world_size = "
+            f"{t.micro_batch_size} x {world_size}; change one of them"
+        )
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.prefixes):
+        raise ValueError(
+            f"data.weights has {len(cfg.data.weights)} entries but data.prefixes has {len(cfg.data.prefixes)}"
+        )
+    if t.resume not in ("auto", "none") and not t.resume:
+        raise ValueError("trainer.resume must be auto, none or a checkpoint path")

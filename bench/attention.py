@@ -1,0 +1,136 @@
+"""Attention benchmark (GPU): fwd+bwd time of the attention module and of its kernel core.
+
+Arms: baseline h, DIFF V2 (2h query heads, h outputs), baseline 2h; every available backend; S in 2048/4096/8192.
+Kernel TFLOP/s use the flash-attention convention (causal fwd = 2*B*S^2*Q*D, fwd+bwd = 3.5x fwd).
+
+    python bench/attention.py [--seqs 2048 4096 8192] [--tokens 32768] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffv2.attention import Attention  # noqa: E402
+from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
+from diffv2.kernels import causal_attention, flash_attn_available  # noqa: E402
+from diffv2.record import versions  # noqa: E402
+
+ARMS = {
+    "baseline_h": dict(variant="baseline"),
+    "diffv2": dict(variant="diffv2"),
+    "baseline_2h": dict(variant="baseline", head_multiplier=2.0),
+}
+
+
+def bench_ms(fn, warmup: int = 5, reps: int = 20) -> float:
+    """Median wall time of fn() in ms, measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: bool):
+    module = Attention(cfg, layer_idx=0, backend=backend).cuda().bfloat16()
+    fwd = torch.compile(module) if compile_ else module
+    x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        fwd(x).backward(grad)
+
+    return step
+
+
+def core_case(n_q: int, cfg: ModelConfig, backend: str, batch: int, seq: int):
+    d = cfg.head_dim
+    q = torch.randn(batch, seq, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(batch, seq, cfg.n_kv_heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    grad = torch.randn_like(q)
+
+    def step():
+        causal_attention(q, k, v, backend).backward(grad)
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--tokens", type=int, default=32768, help="batch * seq per measurement")
+    p.add_argument("--backends", nargs="+", default=None)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd modules")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA GPU")
+    backends = args.backends or ["cudnn", "sdpa_flash", "flex"] + (["flash_attn"] if flash_attn_available() else [])
+    base = ModelConfig(d_model=2048, n_heads=16, n_kv_heads=4, head_dim=128, max_seq_len=max(args.seqs))
+    rows = []
+    for seq in args.seqs:
+        batch = max(1, args.tokens // seq)
+        for backend in backends:
+            for arm, kw in ARMS.items():
+                cfg = ModelConfig(**{**base.__dict__, "attention": AttentionConfig(**kw)})
+                n_q = 2 * cfg.n_heads if arm != "baseline_h" else cfg.n_heads
+                try:
+                    core = bench_ms(core_case(n_q, cfg, backend, batch, seq))
+                    eager = bench_ms(module_case(cfg, backend, batch, seq, False))
+                    comp = bench_ms(module_case(cfg, backend, batch, seq, True)) if args.compile else float("nan")
+                except Exception as e:  # a backend may not support a shape; record why
+                    rows.append(dict(seq=seq, backend=backend, arm=arm, error=f"{type(e).__name__}: {e}"[:200]))
+                    continue
+                flops = 3.5 * 2 * batch * seq * seq * n_q * cfg.head_dim
+                rows.append(dict(seq=seq, batch=batch, backend=backend, arm=arm, core_ms=core,
+                                 core_tflops=flops / core / 1e9, module_ms=eager, module_compiled_ms=comp))
+                torch.cuda.empty_cache()
+    print_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    record = {"command": " ".join(sys.argv), "env": versions(), "rows": rows}
+    path = out / f"attention-{torch.cuda.get_device_name().replace(' ', '_')}-{stamp}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"results: {path}")
+
+
+def _best_ms(row: dict) -> float:
+    """Fastest of eager and compiled (compiled is NaN when not measured)."""
+    compiled = row["module_compiled_ms"]
+    return row["module_ms"] if math.isnan(compiled) else min(row["module_ms"], compiled)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'seq':>5} {'backend':<11} {'arm':<12} {'core ms':>8} {'core TF/s':>9} {'module ms':>9} "
+          f"{'compiled':>9} {'vs 2h':>6}")
+    ref = {(r["seq"], r["backend"]): r for r in rows if r["arm"] == "baseline_2h" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['seq']:>5} {r['backend']:<11} {r['arm']:<12} {r['error']}")
+            continue
+        two_h = ref.get((r["seq"], r["backend"]))
+        ratio = _best_ms(r) / _best_ms(two_h) if two_h else float("nan")
+        print(f"{r['seq']:>5} {r['backend']:<11} {r['arm']:<12} {r['core_ms']:>8.3f} {r['core_tflops']:>9.1f} "
+              f"{r['module_ms']:>9.3f} {r['module_compiled_ms']:>9.3f} {ratio:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Single-machine training loop: config -> build (data, model, optimizer, sinks) -> loop.
+
+No host synchronisation inside a step except at log, eval and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffv2 import checkpoint
+from diffv2.config import Config
+from diffv2.flops import count, peak_flops
+from diffv2.kernels import doc_ids_from_tokens, resolve_backend
+from diffv2.model import Transformer
+from diffv2.optim import build_optimizer, lr_at, set_lr
+from monitoring.sink import MetricSink
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}  # the only generator the loop draws from
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        t = cfg.trainer
+        want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
+        self.device = torch.device("cuda" if want_cuda else "cpu")
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and want_cuda)
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.accum = t.global_batch_size // t.micro_batch_size
+        self.ckpt_root = run_dir / "checkpoints"
+        self.resume_from = self._find_resume()  # before any expensive work: a bad path fails now
+
+    def _find_resume(self) -> Optional[Path]:
+        mode = self.cfg.trainer.resume
+        if mode == "none":
+            if checkpoint.list_checkpoints(self.ckpt_root):
+                raise ValueError(
+                    f"{self.run_dir} already holds checkpoints and trainer.resume=none would overwrite them; "
+                    f"use trainer.resume=auto or another run_name"
+                )
+            return None
+        if mode == "auto":
+            return checkpoint.latest_valid(self.ckpt_root)
+        path = Path(mode)
+        problem = checkpoint.verify(path) if path.is_dir() else "not a directory"
+        if problem:
+            raise ValueError(f"trainer.resume={mode}: checkpoint is not usable ({problem})")
+        return path
+
+    def _check_compatible(self, meta: dict) -> None:
+        saved, now = meta["model"], asdict(self.cfg.model)
+        diff = [k for k in now if k not in ("attention", "name") and saved.get(k) != now[k]]
+        diff += [f"attention.{k}" for k in now["attention"] if k != "backend" and saved["attention"].get(k) !=
+                 now["attention"][k]]
+        if diff:
+            k = diff[0]
+            raise ValueError(
+                f"checkpoint {self.resume_from} was written with a different model ({', '.join(diff)} differ, e.g. "
+                f"model.{k}); resume with the original model config or start a new run_name"
+            )
+
+    def run(self) -> dict:
+        from data.dataset import build_datasets, make_loader
+        from data.tokenizer import load_tokenizer, check_vocab
+
+        cfg, t = self.cfg, self.cfg.trainer
+        meta = checkpoint.read_meta(self.resume_from) if self.resume_from else None
+        if meta:
+            self._check_compatible(meta)
+        seed_everything(cfg.seed)
+        if self.device.type == "cpu" and t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        check_vocab(tokenizer, cfg.model.vocab_size)
+        train_ds, valid_ds = build_datasets(
+            cfg.data, cfg.seed, tokenizer,
+            num_samples={"train": t.max_steps * t.global_batch_size, "valid": t.eval_batches * t.micro_batch_size},
+        )
+        backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask)
+        model = Transformer(cfg.model, backend).to(self.device)
+        if t.compile:
+            for block in model.blocks:
+                block.compile()
+        optimizer = build_optimizer(model, cfg.optim, self.device)
+        counts = count(model.cfg, cfg.data.seq_len)
+        log.info("model %s/%s: %s | attention backend %s", cfg.model.name, cfg.model.attention.variant,
+                 counts.table(), backend)
+
+        step, trainer_state = 0, {}
+        if self.resume_from:
+            trainer_state = checkpoint.load(self.resume_from, model, optimizer)
+            step = meta["step"]
+            log.info("resumed from %s at step %d", self.resume_from, step)
+        sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
+                          tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"])
+        sink.truncate_after(step)
+        if "rng" in trainer_state:
+            _restore_rng(trainer_state["rng"])
+
+        loader = make_loader(train_ds, t.micro_batch_size, start_sample=step * t.global_batch_size,
+                             num_workers=cfg.data.num_workers, seed=cfg.seed)
+        batches = iter(loader)
+        eod = tokenizer.eod if cfg.model.attention.doc_mask else None
+        peak = peak_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else 0.0
+        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        summary = {"run_dir": str(self.run_dir)}
+        bar = tqdm(total=t.max_steps, initial=step, disable=not cfg.logging.progress, unit="step", dynamic_ncols=True)
+        window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
+        ce_sum = torch.zeros((), device=self.device)
+
+        while step < t.max_steps:
+            lr = lr_at(step, cfg.optim, t.max_steps)
+            set_lr(optimizer, lr)
+            for _ in range(self.accum):
+                t0 = time.perf_counter()
+                tokens = next(batches).to(self.device, non_blocking=True)
+                data_time += time.perf_counter() - t0
+                loss, ce, _ = self._forward(model, tokens, eod)
+                (loss / self.accum).backward()
+                ce_sum += ce.detach() / self.accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+
+            last = step == t.max_steps
+            if step % t.log_interval == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                loss_value = ce_sum.item() / window_steps
+                tok_s = window_steps * tokens_per_step / elapsed
+                metrics = {"train/loss": loss_value, "train/lr": lr, "grad/norm": grad_norm.item(),
+                           "perf/tokens_per_s": tok_s, "perf/step_time_s": elapsed / window_steps,
+                           "perf/data_share": data_time / elapsed, "train/tokens": step * tokens_per_step}
+                if peak:
+                    metrics["perf/mfu"] = tok_s * counts.flops_per_token / peak
+                    metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                sink.log(step, metrics)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                bar.write(_format(step, metrics))
+                summary["train/loss"] = loss_value
+                ce_sum.zero_()
+                window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
+            if (t.eval_interval and step % t.eval_interval == 0) or last:
+                val = self._evaluate(model, valid_ds, eod)
+                sink.log(step, {"train/val_loss": val})
+                bar.write(f"step {step:>6} | validation loss {val:.4f}")
+                summary["train/val_loss"] = val
+            if (t.ckpt_interval and step % t.ckpt_interval == 0) or last:
+                path = checkpoint.save(
+                    self.ckpt_root, step, model, optimizer,
+                    trainer_state={"rng": rng_state()},
+                    meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
+                          "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len},
+                    keep_last=t.keep_last,
+                )
+                summary["checkpoint"] = str(path)
+                window_start = time.perf_counter()  # checkpoint time is not training throughput
+        bar.close()
+        sink.finish()
+        summary["metrics"] = str(sink.path)
+        return summary
+
+    def _forward(self, model, tokens_BN1, eod):
+        x, y = tokens_BN1[:, :-1], tokens_BN1[:, 1:]
+        doc_ids = doc_ids_from_tokens(x, eod) if eod is not None else None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return model.loss(x, y, doc_ids)
+
+    @torch.no_grad()
+    def _evaluate(self, model, valid_ds, eod) -> float:
+        from data.dataset import make_loader
+
+        model.eval()
+        loader = make_loader(valid_ds, self.cfg.trainer.micro_batch_size, start_sample=0, num_workers=0,
+                             seed=self.cfg.seed)
+        total, n = torch.zeros((), device=self.device), 0
+        for tokens, _ in zip(loader, range(self.cfg.trainer.eval_batches)):
+            total += self._forward(model, tokens.to(self.device), eod)[1]
+            n += 1
+        model.train()
+        return total.item() / max(n, 1)
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _format(step: int, metrics: dict) -> str:
+    parts = [f"step {step:>6}", f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",
+             f"grad {metrics['grad/norm']:.3f}", f"{metrics['perf/tokens_per_s']:,.0f} tok/s"]
+    if "perf/mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+    return " | ".join(parts)

@@ -1,0 +1,1 @@
+"""Training-health monitoring: metric sinks (metrics.jsonl, W&B) and the callbacks the trainer drives."""

@@ -1,0 +1,203 @@
+"""The single-machine trainer through the real Hydra entry point: composition, validation, runs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from diffv2 import checkpoint
+from diffv2.config import Config, register_configs, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+register_configs()
+
+# A model small enough that a dozen steps take seconds; accumulation 2 exercises the micro-batch loop.
+SMALL = [
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=32",
+    "model.ffn_hidden=128", "model.vocab_size=264", "data.seq_len=64", "trainer.micro_batch_size=4",
+    "trainer.global_batch_size=8", "trainer.eval_batches=2", "logging.progress=false", "data.num_workers=0",
+    "optim.warmup_steps=2",
+]
+
+
+def compose_cfg(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def run_train(run_dir: Path, cache: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", *SMALL, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_default_config_composes_to_tiny_diffv2():
+    cfg = compose_cfg()
+    assert (cfg.model.name, cfg.model.attention.variant, cfg.data.name) == ("tiny", "diffv2", "sample")
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "group, field, value",
+    [("attention=baseline", "variant", "baseline"), ("attention=baseline_1p5h", "head_multiplier", 1.5),
+     ("attention=baseline_2h", "head_multiplier", 2.0), ("attention=diffv1", "variant", "diffv1"),
+     ("attention=diffv2_half_split", "pairing", "half_split"), ("attention=diffv2_no_lambda", "lambda_mode", "none"),
+     ("attention=diffv2_raw_lambda", "lambda_mode", "raw")],
+)
+def test_attention_group_selects_variant(group, field, value):
+    cfg = compose_cfg(group)
+    assert getattr(cfg.model.attention, field) == value
+    validate(cfg)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "125m", "350m", "1b", "7b"])
+@pytest.mark.parametrize("attention", ["diffv2", "baseline", "baseline_1p5h", "baseline_2h", "diffv1"])
+def test_every_preset_accepts_every_attention_arm(preset, attention):
+    validate(compose_cfg(f"model={preset}", f"attention={attention}", "data.seq_len=1024"))
+
+
+def test_command_line_overrides_reach_nested_keys():
+    cfg = compose_cfg("model.attention.rope_theta=500000", "optim.lr=1e-4", "trainer.max_steps=7")
+    assert (cfg.model.attention.rope_theta, cfg.optim.lr, cfg.trainer.max_steps) == (500000.0, 1e-4, 7)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.attention.variant=diffv3"], "model.attention.variant='diffv3' is not one of"),
+        (["model.n_heads=6", "model.n_kv_heads=4"], "n_heads=6, n_kv_heads=4"),
+        (["model.n_heads=8", "model.n_kv_heads=16"], "n_heads=8, n_kv_heads=16"),
+        (["data.seq_len=8192", "model.max_seq_len=4096"], "data.seq_len=8192 exceeds model.max_seq_len=4096"),
+        (["trainer.global_batch_size=12", "trainer.micro_batch_size=8"], "global_batch_size=12 is not a multiple"),
+        (["attention=baseline_1p5h", "model.n_heads=4", "model.n_kv_heads=4"], "must be an integer multiple"),
+        (["optim.schedule=linear"], "optim.schedule='linear'"),
+        (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+        (["model.attention.pairing=half_split", "attention=baseline"], "need attention.variant=diffv2"),
+        (["data.prefixes=[a,b]", "data.weights=[1.0]"], "data.weights has 1 entries"),
+    ],
+)
+def test_invalid_config_is_one_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=None) as err:
+        validate(compose_cfg(*overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="no_such_key"):
+        compose_cfg("model.no_such_key=1")
+
+
+def test_bad_config_exits_with_one_line_before_any_work(tmp_path, data_cache):
+    proc = run_train(tmp_path / "run", data_cache, "model.n_heads=3", "model.n_kv_heads=2", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: DIFF V2 pairs need")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_data_path_is_one_clear_error(tmp_path, data_cache):
+    proc = run_train(tmp_path / "run", data_cache, f"data.prefixes=[{tmp_path}/nope]", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "nope" in last and "data.prepare" in last
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "a"
+    run_train(run_dir, data_cache, "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6",
+              "trainer.ckpt_interval=6", "trainer.keep_last=3")
+    return run_dir
+
+
+def test_run_writes_the_experiment_record(finished_run):
+    for name in ("config.yaml", "git.json", "versions.json", "metrics.jsonl"):
+        assert (finished_run / name).is_file(), name
+    saved = OmegaConf.load(finished_run / "config.yaml")
+    assert saved.model.d_model == 64 and "${" not in OmegaConf.to_yaml(saved)  # resolved
+    assert "torch" in json.loads((finished_run / "versions.json").read_text())["packages"]
+    assert [p.name for p in checkpoint.list_checkpoints(finished_run / "checkpoints")] == [
+        "step_00000006", "step_00000012"]
+
+
+def test_loss_decreases_and_validation_is_logged(finished_run):
+    losses = train_losses(finished_run)
+    assert sorted(losses) == list(range(1, 13))
+    assert losses[12] < losses[1] - 0.5
+    val = [m["train/val_loss"] for m in read_metrics(finished_run) if "train/val_loss" in m]
+    assert len(val) == 2 and val[1] < val[0]
+
+
+def test_resume_is_bit_exact(finished_run, tmp_path, data_cache):
+    """Stop after step 6 (drop the later checkpoint), resume: steps 7-12 repeat the uninterrupted losses exactly."""
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(finished_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000012")
+    run_train(run_dir, data_cache, "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6",
+              "trainer.ckpt_interval=6", "trainer.keep_last=3")
+    assert train_losses(run_dir) == train_losses(finished_run)  # float equality, every step
+    a = torch.load(finished_run / "checkpoints/step_00000012/trainer.pt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints/step_00000012/trainer.pt", weights_only=True)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_changed_model_shape_refuses_to_resume(finished_run, tmp_path, data_cache):
+    run_dir = tmp_path / "reshaped"
+    shutil.copytree(finished_run, run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = run_train(run_dir, data_cache, "trainer.max_steps=14", "model.ffn_hidden=256", check=False)
+    assert proc.returncode == 2 and "ffn_hidden" in proc.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_baseline_runs_from_the_same_entry_point(tmp_path, data_cache):
+    run_dir = tmp_path / "base"
+    run_train(run_dir, data_cache, "attention=baseline", "trainer.max_steps=4", "trainer.log_interval=2")
+    assert OmegaConf.load(run_dir / "config.yaml").model.attention.variant == "baseline"
+    assert len(train_losses(run_dir)) == 2
+
+
+def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path, data_cache, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "wb"
+    run_train(run_dir, data_cache, "trainer.max_steps=4", "trainer.ckpt_interval=2", "logging.wandb.mode=offline")
+    first_id = checkpoint.read_meta(run_dir / "checkpoints/step_00000004")["wandb_id"]
+    assert first_id and list((run_dir / "wandb").glob(f"offline-run-*-{first_id}"))
+    shutil.rmtree(run_dir / "checkpoints/step_00000004")
+    run_train(run_dir, data_cache, "trainer.max_steps=4", "trainer.ckpt_interval=2", "logging.wandb.mode=offline")
+    assert checkpoint.read_meta(run_dir / "checkpoints/step_00000004")["wandb_id"] == first_id
+
+
+def test_multirun_sweeps_attention_and_seed(tmp_path, data_cache):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "train.py", "-m", "attention=diffv2,baseline", "seed=0,1", f"hydra.sweep.dir={sweep}",
+           f"data.cache_dir={data_cache}", *SMALL, "trainer.max_steps=2", "trainer.log_interval=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    assert names == ["tiny-baseline-s0", "tiny-baseline-s1", "tiny-diffv2-s0", "tiny-diffv2-s1"]
