@@ -49,6 +49,8 @@ def bench_ms(fn, warmup: int = 5, reps: int = 20) -> float:
 
 def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: bool):
     module = Attention(cfg, layer_idx=0, backend=backend).cuda().bfloat16()
+    if compile_:
+        torch._dynamo.reset()  # each arm is a fresh compile, not a recompile against the last arm's guards
     fwd = torch.compile(module) if compile_ else module
     x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)

@@ -201,3 +201,11 @@ def test_multirun_sweeps_attention_and_seed(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
     assert names == ["tiny-baseline-s0", "tiny-baseline-s1", "tiny-diffv2-s0", "tiny-diffv2-s1"]
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("attention", ["diffv2", "baseline"])
+def test_experiment_presets_compose_and_validate(experiment, attention):
+    cfg = compose_cfg(f"+experiment={experiment}", f"attention={attention}")
+    validate(cfg)
+    assert cfg.model.attention.variant == attention
