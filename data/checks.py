@@ -22,6 +22,7 @@ FULL_SCAN_TOKENS = 1 << 27  # up to this many tokens the max-id check reads the 
 SCAN_WINDOWS = 64  # larger files: this many evenly spaced windows (a wrong tokenizer shows up everywhere)
 SCAN_WINDOW_TOKENS = 1 << 20
 SPLIT_NAMES = ("train", "valid", "test")
+INDEX_HEADER = b"MMIDIDX\x00\x00"  # first bytes of every Megatron .idx file
 
 
 def _prepare_hint(prefix: str, tokenizer: Tokenizer) -> str:
@@ -36,7 +37,9 @@ def read_manifest(prefix: str) -> Optional[dict]:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: unreadable manifest ({err.msg}) (delete it or re-run python -m data.prepare)")
+        raise ValueError(
+            f"{path}: unreadable manifest ({err.msg}) (delete it or re-run python -m data.prepare)"
+        ) from None
 
 
 def _max_token_id(bin_path: str, dtype: np.dtype, n_tokens: int) -> int:
@@ -48,13 +51,22 @@ def _max_token_id(bin_path: str, dtype: np.dtype, n_tokens: int) -> int:
 
 
 def check_prefix(prefix: str, tokenizer: Tokenizer) -> np.ndarray:
-    """Validate one .bin/.idx pair against `tokenizer`; return its per-document token counts (int64)."""
+    """Validate one .bin/.idx pair against `tokenizer`; return its token count per sequence (int64).
+
+    Megatron splits train/valid/test by sequence; data.prepare writes one sequence per document.
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise ValueError(f"missing {path} (give data.prefixes without .bin/.idx, or {_prepare_hint(prefix, tokenizer)})")
+            raise ValueError(
+                f"missing {path} (give data.prefixes without .bin/.idx, or {_prepare_hint(prefix, tokenizer)})"
+            )
+    with open(idx_path, "rb") as f:
+        # Checked here because megatron's IndexedDataset, failing on a bad header, also raises from its __del__.
+        if f.read(len(INDEX_HEADER)) != INDEX_HEADER:
+            raise ValueError(f"{idx_path}: not a Megatron index (bad header) ({_prepare_hint(prefix, tokenizer)})")
     try:
         with warnings.catch_warnings():
             # megatron-core 0.19 warns that it "could not determine rank" when it logs outside a process group.
@@ -63,7 +75,9 @@ def check_prefix(prefix: str, tokenizer: Tokenizer) -> np.ndarray:
         lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
         dtype = np.dtype(index.index.dtype)
     except (AssertionError, IndexError, ValueError, struct.error) as err:  # megatron asserts on a bad header
-        raise ValueError(f"{idx_path}: not a readable Megatron index ({err}) ({_prepare_hint(prefix, tokenizer)})") from None
+        raise ValueError(
+            f"{idx_path}: not a readable Megatron index ({err}) ({_prepare_hint(prefix, tokenizer)})"
+        ) from None
     n_tokens = int(lengths.sum())
     expected, actual = n_tokens * dtype.itemsize, os.path.getsize(bin_path)
     if actual != expected:
@@ -80,7 +94,8 @@ def check_prefix(prefix: str, tokenizer: Tokenizer) -> np.ndarray:
     if max_id >= tokenizer.vocab_size:
         raise ValueError(
             f"{bin_path} contains token id {max_id} >= vocab size {tokenizer.vocab_size} of tokenizer "
-            f"{tokenizer.name} (set data.tokenizer to the tokenizer the data was prepared with, or {_prepare_hint(prefix, tokenizer)})"
+            f"{tokenizer.name} (set data.tokenizer to the tokenizer the data was prepared with, "
+            f"or {_prepare_hint(prefix, tokenizer)})"
         )
     return lengths
 
@@ -101,7 +116,8 @@ def _check_manifest(prefix: str, manifest: dict, dtype: np.dtype, n_tokens: int,
     if prepared.get("name") != tokenizer.name:
         raise ValueError(
             f"tokenizer mismatch: {prefix} was prepared with {prepared.get('name')} ({prepared.get('spec')}) "
-            f"but data.tokenizer gives {tokenizer.name} (set data.tokenizer={prepared.get('spec')} or {_prepare_hint(prefix, tokenizer)})"
+            f"but data.tokenizer gives {tokenizer.name} "
+            f"(set data.tokenizer={prepared.get('spec')} or {_prepare_hint(prefix, tokenizer)})"
         )
 
 
@@ -109,7 +125,9 @@ def parse_split(split: str) -> List[float]:
     """Megatron's "train,valid,test" weights, normalised; rejects what megatron would assert on."""
     parts = split.split(",")
     if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\s*\d+(\.\d*)?\s*", p) for p in parts):
-        raise ValueError(f"bad data.split {split!r} (give up to three non-negative weights train,valid,test such as 98,2,0)")
+        raise ValueError(
+            f"bad data.split {split!r} (give up to three non-negative weights train,valid,test such as 98,2,0)"
+        )
     weights = [float(p) for p in parts] + [0.0] * (3 - len(parts))
     if weights[0] <= 0:
         raise ValueError(f"bad data.split {split!r}: the train weight must be > 0 (e.g. 98,2,0)")
@@ -143,7 +161,8 @@ def check_weights(prefixes: Sequence[str], weights: Optional[Sequence[float]]) -
         return
     if len(weights) != len(prefixes):
         raise ValueError(
-            f"data.weights has {len(weights)} entries but data.prefixes has {len(prefixes)} (give one weight per prefix, or none)"
+            f"data.weights has {len(weights)} entries but data.prefixes has {len(prefixes)} "
+            "(give one weight per prefix, or none)"
         )
     if any(not w > 0 for w in weights):
         raise ValueError(f"data.weights {list(weights)} must all be > 0 (drop a prefix instead of weighting it 0)")

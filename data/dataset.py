@@ -135,11 +135,13 @@ def build_datasets(
     if cfg.seq_len < 1:
         raise ValueError(f"data.seq_len={cfg.seq_len} must be >= 1")
     if not 0 <= data_parallel_rank < data_parallel_size:
-        raise ValueError(f"data_parallel_rank={data_parallel_rank} is outside [0, data_parallel_size={data_parallel_size})")
+        raise ValueError(
+            f"data_parallel_rank={data_parallel_rank} is outside [0, data_parallel_size={data_parallel_size})"
+        )
     sizes = [int(num_samples.get("train", 0)), int(num_samples.get("valid", 0)), 0]
     if min(sizes) < 0:
         raise ValueError(f"num_samples {dict(num_samples)} must be >= 0")
-    parse_split(cfg.split)
+    parse_split(cfg.split)  # a bad split fails before the sample corpus is prepared
     prefixes = resolve_prefixes(cfg, tokenizer)
     check_weights(prefixes, cfg.weights)
     tokens_per_prefix = []
@@ -187,7 +189,9 @@ def make_loader(
     """
     ranks = ds.data_parallel_size if isinstance(ds, TokenDataset) else 1
     if start_sample < 0 or start_sample % ranks:
-        raise ValueError(f"start_sample={start_sample} must be a non-negative multiple of the data-parallel size {ranks}")
+        raise ValueError(
+            f"start_sample={start_sample} must be a non-negative multiple of the data-parallel size {ranks}"
+        )
     local_start = start_sample // ranks
     if local_start > len(ds):
         raise ValueError(

@@ -262,11 +262,17 @@ def prepare(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="text/JSONL files (optionally .gz) or directories")
-    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
-    parser.add_argument("--tokenizer", default="byte", help="byte | path to tokenizer.json | bpe:VOCAB_SIZE (trains one)")
+    parser.add_argument(
+        "--out", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json"
+    )
+    parser.add_argument(
+        "--tokenizer", default="byte", help="byte | path to tokenizer.json | bpe:VOCAB_SIZE (trains one)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="tokenizer processes (1 = in this process)")
     parser.add_argument("--text-key", default="text", help="JSONL field holding the document text")
-    parser.add_argument("--errors", default="strict", choices=("strict", "replace"), help="invalid UTF-8: fail or use U+FFFD")
+    parser.add_argument(
+        "--errors", default="strict", choices=("strict", "replace"), help="invalid UTF-8: fail or use U+FFFD"
+    )
     args = parser.parse_args(argv)
     # megatron-core warns on import that optional GPU extensions are missing; irrelevant to writing files.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -275,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}.bin/.idx: {m['documents']} documents, {m['tokens']} tokens ({m['dtype']}, {m['tokenizer']['name']})")
+    tokenizer = m["tokenizer"]["name"]
+    print(f"wrote {args.out}.bin/.idx: {m['documents']} documents, {m['tokens']} tokens ({m['dtype']}, {tokenizer})")
     return 0
 
 

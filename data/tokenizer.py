@@ -74,7 +74,9 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = _HF.from_file(path)
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
-            raise ValueError(f"cannot load tokenizer {path}: {err} (give a tokenizer.json saved by HF tokenizers)")
+            raise ValueError(
+                f"cannot load tokenizer {path}: {err} (give a tokenizer.json saved by HF tokenizers)"
+            ) from None
         self.spec = os.path.abspath(path)
         self.name = f"hf-{digest[:16]}"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -87,6 +89,8 @@ class HFTokenizer(Tokenizer):
             )
         self.eod = eod
         self.pad = next((i for i in map(self._tok.token_to_id, PAD_CANDIDATES) if i is not None), NO_PAD)
+        # Text that spells a special token ("<|endoftext|>" in a document) stays text: only data.prepare puts EOD.
+        self._tok.encode_special_tokens = True
 
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -77,6 +77,15 @@ class Trainer:
         diff = [k for k in now if k not in ("attention", "name") and saved.get(k) != now[k]]
         diff += [f"attention.{k}" for k in now["attention"] if k != "backend" and saved["attention"].get(k) !=
                  now["attention"][k]]
+        data_now = {"seq_len": self.cfg.data.seq_len, "seed": self.cfg.seed,
+                    "train_samples": self.cfg.trainer.max_steps * self.cfg.trainer.global_batch_size}
+        for key, value in data_now.items():
+            if meta.get(key, value) != value:  # megatron's sample order is a function of all three
+                raise ValueError(
+                    f"checkpoint {self.resume_from} was written with {key}={meta[key]}, this run has {value}; the data "
+                    f"order depends on it (train_samples = max_steps x global_batch_size), so resume with the original "
+                    f"settings or start a new run_name"
+                )
         if diff:
             k = diff[0]
             raise ValueError(
@@ -177,7 +186,8 @@ class Trainer:
                     self.ckpt_root, step, model, optimizer,
                     trainer_state={"rng": rng_state()},
                     meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
-                          "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len},
+                          "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
+                          "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size},
                     keep_last=t.keep_last,
                 )
                 summary["checkpoint"] = str(path)

@@ -6,21 +6,18 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory without installing
-
-import data.checks as checks  # noqa: E402
-import data.prepare as prep  # noqa: E402
-from data.dataset import build_datasets, ensure_sample, make_loader, resolve_prefixes  # noqa: E402
-from data.prepare import prepare  # noqa: E402
-from data.tokenizer import check_vocab, load_tokenizer  # noqa: E402
-from diffv2.config import DataConfig  # noqa: E402
+import data.checks as checks
+import data.prepare as prep
+from data.dataset import build_datasets, ensure_sample, make_loader, resolve_prefixes
+from data.prepare import prepare
+from data.tokenizer import check_vocab, load_tokenizer
+from diffv2.config import DataConfig
 
 # megatron-core 0.19 warns on every index it opens outside a process group, as these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:Could not determine rank")
@@ -72,7 +69,9 @@ def corpus(tmp_path: Path) -> Path:
     ids=["txt", "jsonl", "gz", "dir"],
 )
 def test_prepare_round_trip(corpus: Path, tmp_path: Path, inputs: List[str], texts: List[str]) -> None:
-    manifest = prepare([str(corpus / i) for i in inputs], str(tmp_path / "out" / "ds"), "byte", workers=1, progress=False)
+    manifest = prepare(
+        [str(corpus / i) for i in inputs], str(tmp_path / "out" / "ds"), "byte", workers=1, progress=False
+    )
     assert _read_docs(str(tmp_path / "out" / "ds")) == _expected(texts)
     assert manifest["documents"] == len(_expected(texts))
     assert manifest["empty_documents_skipped"] == len(texts) - len(_expected(texts))
@@ -114,6 +113,9 @@ def test_bpe_train_and_round_trip(corpus: Path, tmp_path: Path) -> None:
     assert docs[0] == tok.encode(DOCS["a.txt"]) + [tok.eod]
     assert tok.decode(docs[0][:-1]) == DOCS["a.txt"]
     assert len(docs[0]) < len(DOCS["a.txt"].encode())  # merges were learned
+    assert (
+        tok.eod not in tok.encode("a<|endoftext|>b") and tok.decode(tok.encode("a<|endoftext|>b")) == "a<|endoftext|>b"
+    )
 
 
 def test_tokenizer_errors(tmp_path: Path) -> None:
@@ -143,7 +145,10 @@ def test_prepare_errors(tmp_path: Path) -> None:
     (tmp_path / "k.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match=r"k.jsonl:1: no string field 'text' \(pass --text-key"):
         prepare([str(tmp_path / "k.jsonl")], str(tmp_path / "k"), workers=1, progress=False)
-    assert prepare([str(tmp_path / "k.jsonl")], str(tmp_path / "k"), text_key="body", workers=1, progress=False)["tokens"] == 2
+    assert (
+        prepare([str(tmp_path / "k.jsonl")], str(tmp_path / "k"), text_key="body", workers=1, progress=False)["tokens"]
+        == 2
+    )
 
 
 # ---- datasets -------------------------------------------------------------------------------------------------
@@ -257,11 +262,14 @@ def test_dataset_errors(sample: Dict[str, str], tmp_path: Path, monkeypatch) -> 
     fails(r"contains token id 2\d\d >= vocab size 258", prefixes=[root + "/bpe"])
     garbage = _copy(small, root + "/garbage")
     Path(garbage + ".idx").write_bytes(b"not an index")
-    fails(r"garbage.idx: not a readable Megatron index", prefixes=[garbage])
+    fails(r"garbage.idx: not a Megatron index \(bad header\)", prefixes=[garbage])
 
     fails(r"data.weights has 1 entries but data.prefixes has 2", prefixes=[small, small], weights=[1.0])
-    fails(r"the valid split of data.split=98,2,0 gets 1 of 50 documents = \d+ tokens, fewer than data.seq_len\+1",
-          prefixes=[small], seq_len=4096)
+    fails(
+        r"the valid split of data.split=98,2,0 gets 1 of 50 documents = \d+ tokens, fewer than data.seq_len\+1",
+        prefixes=[small],
+        seq_len=4096,
+    )
     fails(r"bad data.split 'a,b'", split="a,b")
     fails(r"data.seq_len=0 must be >= 1", seq_len=0)
     train, valid = build_datasets(_cfg(sample, prefixes=[small], split="1,0,0"), 0, BYTE, num_samples={"train": 5})

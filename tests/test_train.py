@@ -169,9 +169,17 @@ def test_changed_model_shape_refuses_to_resume(finished_run, tmp_path, data_cach
     run_dir = tmp_path / "reshaped"
     shutil.copytree(finished_run, run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_train(run_dir, data_cache, "trainer.max_steps=14", "model.ffn_hidden=256", check=False)
+    proc = run_train(run_dir, data_cache, "trainer.max_steps=12", "model.ffn_hidden=256", check=False)
     assert proc.returncode == 2 and "ffn_hidden" in proc.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_changed_data_order_refuses_to_resume(finished_run, tmp_path, data_cache):
+    """max_steps x global_batch_size sizes megatron's shuffle: a different value would silently change the data."""
+    run_dir = tmp_path / "longer"
+    shutil.copytree(finished_run, run_dir)
+    proc = run_train(run_dir, data_cache, "trainer.max_steps=14", check=False)
+    assert proc.returncode == 2 and "train_samples=96" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_baseline_runs_from_the_same_entry_point(tmp_path, data_cache):
