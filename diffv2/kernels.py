@@ -136,4 +136,6 @@ def _flex(q, k, v, doc_ids_BN):
     flex = _compiled_flex() if q.is_cuda else None
     if flex is None:
         from torch.nn.attention.flex_attention import flex_attention as flex
-    return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    # torch 2.11's compiled GQA flex finds no kernel config below 128 tokens with its default 128-wide blocks.
+    options = {"BLOCK_M": 64, "BLOCK_N": 64} if q.is_cuda and n < 128 else None
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)

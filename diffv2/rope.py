@@ -31,7 +31,7 @@ class RotaryEmbedding(nn.Module):
             )
         cos = self.cos_NF[offset : offset + n, None, :]
         sin = self.sin_NF[offset : offset + n, None, :]
-        x = x_BNHD.float()  # rotate in fp32, cast back once
+        x = x_BNHD.to(torch.promote_types(x_BNHD.dtype, torch.float32))  # rotate in >= fp32, cast back once
         if self.style == "interleaved":  # pairs (x[2m], x[2m+1]), spec §2.2 step 2
             x0, x1 = x[..., 0::2], x[..., 1::2]
             out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)

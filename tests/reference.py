@@ -210,13 +210,14 @@ def attention(x_BNM: torch.Tensor, W: Dict[str, torch.Tensor], *, variant: str, 
 
 # --------------------------------------------------------------------------------------- test utilities (generic)
 @torch.no_grad()
-def init_sharp_(module: torch.nn.Module) -> torch.nn.Module:
+def init_sharp_(module: torch.nn.Module, gain: float = 1.5) -> torch.nn.Module:
     """Random weights giving peaked (non-uniform) attention maps and sigma(lambda) spread over (0, 1):
-    q/k/lambda projections N(0, 1.5^2/fan_in), other matrices N(0, 1/fan_in), DIFF V1 lambda vectors N(0, 0.1^2),
-    norm weights U(0.5, 1.5) so that a missing affine is observable."""
+    q/k/lambda projections N(0, gain^2/fan_in) (unit-variance inputs give scores of std ~gain^2), other matrices
+    N(0, 1/fan_in), DIFF V1 lambda vectors N(0, 0.1^2), norm weights U(0.5, 1.5) so that a missing affine shows."""
+    qk_gain = gain
     for name, p in module.named_parameters():
         if p.ndim == 2:
-            gain = 1.5 if name.split(".")[0] in ("q_proj", "k_proj", "lambda_proj") else 1.0
+            gain = qk_gain if name.split(".")[0] in ("q_proj", "k_proj", "lambda_proj") else 1.0
             p.normal_(0.0, gain / math.sqrt(p.shape[1]))
         elif name.startswith("lambda_"):
             p.normal_(0.0, 0.1)

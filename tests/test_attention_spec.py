@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -39,6 +38,16 @@ GRID_GQA = [g for g in GRID if g[4] > 1]  # configs where the half split crosses
 grid_gqa = pytest.mark.parametrize("B,N,D,h,h_kv,d", GRID_GQA, ids=[i for g, i in zip(GRID, GRID_IDS) if g[4] > 1])
 
 THETA = 10000.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_cpu_thread():
+    """Small tensors: one intra-op thread. On the 2-core CI box, OpenMP's spinning workers slow this file ~8x as soon
+    as another process takes a core; restored afterwards so other test files keep their setting."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -265,7 +274,8 @@ def test_backward_matches_reference(B, N, D, h, h_kv, d):
 # ==================================================================================================== T6 pairing
 @grid
 def test_pairs_share_kv_head(B, N, D, h, h_kv, d):
-    """T6 (GQA pairing probe at the core): kernel head m outputs e_{m // g}; C_i = (1 - sigma(lambda_i)) e_{i // (h/h_kv)}."""
+    """T6 (GQA pairing probe at the core): kernel head m outputs e_{m // g} and
+    C_i = (1 - sigma(lambda_i)) e_{i // (h/h_kv)}."""
     m = make_attention(D, h, h_kv, d)
     out, expected, stats = pairing_probe(m, B, N, h, h_kv, d)
     g = 2 * h // h_kv
@@ -351,7 +361,7 @@ def test_pair_locality(B, N, D, h, h_kv, d):
             if i // (h // h_kv) == j:
                 assert (out[:, :, i] != base[:, :, i]).any(dim=-1).all(), f"head {i} must depend on KV head {j}"
             else:
-                assert torch.equal(out[:, :, i], base[:, :, i]), f"head {i} changed although it does not read KV head {j}"
+                assert torch.equal(out[:, :, i], base[:, :, i]), f"head {i} changed; it does not read KV head {j}"
 
 
 @grid
@@ -510,7 +520,8 @@ def test_rope_formula(style, theta):
 def test_rope_styles_differ():
     """T11 not vacuous: interleaved and half-split rotate different pairs."""
     x = torch.randn(1, 16, 2, 32)
-    assert (RotaryEmbedding(32, 64, THETA, "interleaved")(x) - RotaryEmbedding(32, 64, THETA, "half")(x)).abs().max() > 0.1
+    inter, half = RotaryEmbedding(32, 64, THETA, "interleaved")(x), RotaryEmbedding(32, 64, THETA, "half")(x)
+    assert (inter - half).abs().max() > 0.1
 
 
 @grid
@@ -687,7 +698,8 @@ def test_context_rms_disjoint_one_hot_ceiling(B, N, h, h_kv, d):
 
 @pytest.mark.parametrize("B,N,h,h_kv,d", T15_CFG)
 def test_context_rms_equals_weight_norm(B, N, h, h_kv, d):
-    """T15: for any maps and orthonormal values, RMS(c_i) = ||a1 - sigma a2||_2, within [(1-sigma)/sqrt(n), sqrt(1+sigma^2)]."""
+    """T15: for any maps and orthonormal values, RMS(c_i) = ||a1 - sigma a2||_2, which lies in
+    [(1 - sigma)/sqrt(n), sqrt(1 + sigma^2)]."""
     m = make_attention(64 * h, h, h_kv, d)
     stats = record(m)
     torch.manual_seed(0)
