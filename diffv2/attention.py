@@ -1,12 +1,13 @@
 """DIFF V2, the standard GQA baseline and DIFF V1 attention from one module (spec §2, §3, §4).
 
-Legend: B batch, N sequence, M d_model, H output heads (h), Q query heads, K kv heads, D head_dim.
+Legend: B batch, N sequence (new tokens when decoding), L keys (N, or every cached slot when decoding), M d_model,
+H output heads (h), Q query heads, K kv heads, D head_dim.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import nn
 from diffv2.config import AttentionConfig, ModelConfig
 from diffv2.kernels import causal_attention
 from diffv2.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from diffv2.kv_cache import KVCache
 
 # An observer receives (layer_idx, stats dict) from the same forward; None costs nothing (monitoring hook).
 Observer = Callable[[int, dict], None]
@@ -106,25 +110,31 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(d, cfg.max_seq_len, a.rope_theta, a.rope_style)
         self.observer: Optional[Observer] = None
 
-    def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Causal self-attention over x; with a cache, x holds the new tokens and attends to every cached slot too."""
         b, n, _ = x_BNM.shape
         q_BNQD = self.q_proj(x_BNM).view(b, n, self.n_q, self.head_dim)
         k_BNKD = self.k_proj(x_BNM).view(b, n, self.n_kv, self.head_dim)
-        v = self.v_proj(x_BNM)
+        v_width = 2 * self.head_dim if self.variant == "diffv1" else self.head_dim  # V1: n_kv/2 heads of 2D (§3)
+        v_BNKD = self.v_proj(x_BNM).view(b, n, -1, v_width)
         if self.q_norm is not None:  # before RoPE, as Qwen3
             q_BNQD, k_BNKD = self.q_norm(q_BNQD), self.k_norm(k_BNKD)
-        q_BNQD, k_BNKD = self.rope(q_BNQD), self.rope(k_BNKD)
+        offset = 0 if cache is None else cache.length
+        q_BNQD, k_BNKD = self.rope(q_BNQD, offset), self.rope(k_BNKD, offset)
+        # spec §2.5: the cache holds k and v only; queries, lambda and the combination are per new token.
+        k_BLKD, v_BLKD = (k_BNKD, v_BNKD) if cache is None else cache.update(self.layer_idx, k_BNKD, v_BNKD)
+        decoding = {} if cache is None else {"cache": cache}  # training calls the cores as always (hooks wrap them)
         if self.variant == "diffv1":
-            ctx_BNHD = self.diffv1_core(q_BNQD, k_BNKD, v.view(b, n, self.n_kv // 2, 2 * self.head_dim), doc_ids_BN)
+            ctx_BNHD = self.diffv1_core(q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, **decoding)
         else:
-            v_BNKD = v.view(b, n, self.n_kv, self.head_dim)
             lam_BNH = self.lambda_proj(x_BNM) if self.lambda_proj is not None else None  # spec A6: input of q/k/v
-            ctx_BNHD = self.core(q_BNQD, k_BNKD, v_BNKD, lam_BNH, doc_ids_BN)
+            ctx_BNHD = self.core(q_BNQD, k_BLKD, v_BLKD, lam_BNH, doc_ids_BN, **decoding)
         return self.o_proj(ctx_BNHD.reshape(b, n, -1))
 
-    def core(self, q_BNQD, k_BNKD, v_BNKD, lam_BNH=None, doc_ids_BN=None) -> torch.Tensor:
+    def core(self, q_BNQD, k_BLKD, v_BLKD, lam_BNH=None, doc_ids_BN=None, *, cache=None) -> torch.Tensor:
         """Attention kernel, then (DIFF V2) the per-pair differential combination; returns (B, N, H, D)."""
-        attn_BNQD = causal_attention(q_BNQD, k_BNKD, v_BNKD, self.backend, doc_ids_BN)
+        attn_BNQD = self._attend(q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, cache)
         if self.variant != "diffv2":
             self._observe(context=attn_BNQD)
             return attn_BNQD
@@ -136,14 +146,14 @@ class Attention(nn.Module):
         self._observe(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH)
         return ctx_BNHD
 
-    def diffv1_core(self, q_BNQD, k_BNKD, v_BNKE, doc_ids_BN=None) -> torch.Tensor:
+    def diffv1_core(self, q_BNQD, k_BLKD, v_BLKE, doc_ids_BN=None, *, cache=None) -> torch.Tensor:
         """DIFF V1, flash-version semantics (spec §3, A24): q1/k1 = even heads, q2/k2 = odd heads, V of width 2D."""
         d = self.head_dim
         q12 = torch.cat((q_BNQD[:, :, 0::2], q_BNQD[:, :, 1::2]), dim=2)  # [q1 heads | q2 heads]
-        k12 = torch.cat((k_BNKD[:, :, 0::2], k_BNKD[:, :, 1::2]), dim=2)  # [k1 heads | k2 heads]
+        k12 = torch.cat((k_BLKD[:, :, 0::2], k_BLKD[:, :, 1::2]), dim=2)  # [k1 heads | k2 heads]
         # Two calls over the V halves (flashdiff_2): the kernel needs equal qk and v widths.
-        halves = [causal_attention(q12, k12, torch.cat((vh, vh), dim=2), self.backend, doc_ids_BN)
-                  for vh in (v_BNKE[..., :d], v_BNKE[..., d:])]
+        halves = [self._attend(q12, k12, torch.cat((vh, vh), dim=2), doc_ids_BN, cache)
+                  for vh in (v_BLKE[..., :d], v_BLKE[..., d:])]
         attn_BNQE = torch.cat(halves, dim=-1)
         attn1_BNHE, attn2_BNHE = attn_BNQE.chunk(2, dim=2)
         lam = (
@@ -156,6 +166,11 @@ class Attention(nn.Module):
         ctx_BNHD = ctx.reshape(b, n, 2 * hh, d)
         self._observe(context=ctx_BNHD, lambda_full=lam)
         return ctx_BNHD
+
+    def _attend(self, q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, cache) -> torch.Tensor:
+        if cache is None:
+            return causal_attention(q_BNQD, k_BLKD, v_BLKD, self.backend, doc_ids_BN)
+        return cache.attend(q_BNQD, k_BLKD, v_BLKD, self.backend)  # bottom-right causal over the cached slots
 
     def _observe(self, **stats) -> None:
         if self.observer is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from torch import nn
 from diffv2.attention import Attention, RMSNorm
 from diffv2.config import ModelConfig
 from diffv2.loss import linear_cross_entropy
+
+if TYPE_CHECKING:
+    from diffv2.kv_cache import KVCache
 
 
 class SwiGLU(nn.Module):
@@ -37,8 +40,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x_BNM = x_BNM + self.attn(self.attn_norm(x_BNM), doc_ids_BN)
+    def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        x_BNM = x_BNM + self.attn(self.attn_norm(x_BNM), doc_ids_BN, cache)
         return x_BNM + self.mlp(self.mlp_norm(x_BNM))
 
 
@@ -77,17 +81,23 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def hidden(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
+               cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Final-norm hidden states; with a cache, tokens_BN are the next N tokens of every row and are appended."""
+        assert cache is None or doc_ids_BN is None, "cached decoding masks left padding, not documents"
         x_BNM = self.embed(tokens_BN)
         for block in self.blocks:
-            x_BNM = block(x_BNM, doc_ids_BN)
+            x_BNM = block(x_BNM, doc_ids_BN, cache)
             if self.block_observer is not None:
                 self.block_observer(block.attn.layer_idx, x_BNM)
+        if cache is not None:
+            cache.advance(tokens_BN.shape[1])
         return self.norm(x_BNM)
 
-    def forward(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         """Full logits (B, N, V); for inference and tests. Training uses `loss`."""
-        return F.linear(self.hidden(tokens_BN, doc_ids_BN), self.lm_head_weight)
+        return F.linear(self.hidden(tokens_BN, doc_ids_BN, cache), self.lm_head_weight)
 
     def loss(self, tokens_BN, labels_BN, doc_ids_BN=None):
         """(loss incl. z-loss, cross-entropy, mean log(Z)^2); logits are never materialised in full."""
