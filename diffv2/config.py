@@ -68,7 +68,7 @@ class OptimConfig:
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 30  # linear warm-up steps
+    warmup_steps: int = 20  # linear warm-up steps
     decay_fraction: float = 0.2  # wsd: share of steps in the final decay
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -85,11 +85,11 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     micro_batch_size: int = 8  # sequences per forward/backward
     global_batch_size: int = 8  # sequences per optimizer step (multiple of micro_batch_size * world size)
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 200  # optimizer steps
     log_interval: int = 10  # steps between console/metrics lines
-    eval_interval: int = 100  # steps between validation passes (0 = only at the end)
+    eval_interval: int = 100  # steps between validation passes (0 = only at the end, -1 = never)
     eval_batches: int = 8  # micro-batches per validation pass
-    ckpt_interval: int = 100  # steps between checkpoints (0 = only at the end)
+    ckpt_interval: int = 100  # steps between checkpoints (0 = only at the end, -1 = never)
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "auto"  # auto (latest valid checkpoint in the run dir) | none | path to a checkpoint
     compile: bool = False  # torch.compile each block
@@ -112,6 +112,86 @@ class LoggingConfig:
 
 
 @dataclass
+class GradNormMonitorConfig:
+    enabled: bool = True  # grad/: pre/post-clip global norm, clip coefficient, norms per layer and per module kind
+    interval: int = 10  # steps between measurements
+    param_norms: bool = True  # also parameter norms and update/parameter ratio per layer (one transient param copy)
+
+
+@dataclass
+class ActivationMonitorConfig:
+    enabled: bool = True  # act/: residual-stream max|h|, top-k, kurtosis, share of |x| > 6 std at each block output
+    interval: int = 100  # steps between measurements (computed in the training forward of that step)
+    top_k: int = 3  # largest |h| values logged per layer (V1 paper reports top-1/2/3, spec §7.5)
+
+
+@dataclass
+class AttentionLogitMonitorConfig:
+    enabled: bool = True  # attn/logit_max_abs: max |q.k/sqrt(d)| per layer over all query heads on the probe batch
+    interval: int = 200  # steps between probe passes
+
+
+@dataclass
+class ContextRMSMonitorConfig:
+    enabled: bool = True  # attn/context_rms*: per-head RMS of the context before o_proj (spec §6)
+    interval: int = 100  # steps between per-layer mean/min/max over heads
+    heatmap_interval: int = 500  # steps between full layer x head matrices (a multiple of interval)
+
+
+@dataclass
+class LambdaMonitorConfig:
+    enabled: bool = True  # attn/lambda_*: sigmoid(lambda) mean/p5/p50/p95 per layer (DIFF V2), lambda (DIFF V1)
+    interval: int = 100  # steps between measurements
+    heatmap_interval: int = 500  # steps between layer x head matrices of the per-head mean (a multiple of interval)
+
+
+@dataclass
+class AttentionSinkMonitorConfig:
+    enabled: bool = True  # attn/sink_mass*, attn/entropy*: first-token attention mass and entropy per head (probe)
+    interval: int = 200  # steps between probe passes
+
+
+@dataclass
+class SpikeMonitorConfig:
+    enabled: bool = True  # spike/: loss and grad-norm spike detection, spike score, spikes.jsonl event log
+    interval: int = 10  # steps between host reads: detection over the recorded steps, events, metrics, stop
+    k: float = 6.0  # a value is a spike when it exceeds mean + k * std of the window
+    window: int = 128  # past values in the rolling mean and std
+    warmup_steps: int = 64  # steps observed before any value can be flagged
+    score_window: int = 1000  # steps over which spike/score is the share of spike steps
+    skip_step: bool = False  # action: undo the optimizer step of a spike step (params and optimizer state restored)
+    stop: bool = False  # action: save a checkpoint and stop at the first host read after a spike
+
+
+@dataclass
+class MoEMonitorConfig:
+    enabled: bool = True  # moe/: tokens per expert, imbalance max/mean, aux and z loss, dead experts (if MoE layers)
+    interval: int = 10  # steps between reads of the layers' moe_stats
+
+
+@dataclass
+class PerfMonitorConfig:
+    enabled: bool = True  # perf/: tokens/s, step time, data-loading share, MFU and memory (GPU), elapsed time
+    interval: int = 0  # steps per throughput window (0 = trainer.log_interval)
+
+
+@dataclass
+class MonitoringConfig:
+    enabled: bool = True  # health monitors (all but perf): false builds none and installs no observer (zero cost)
+    # Every monitor also reads at the run's last step (trainer.max_steps), so each run ends with a full record.
+    probe_sequences: int = 4  # validation sequences in the fixed probe batch of the attention probes
+    grad_norms: GradNormMonitorConfig = field(default_factory=GradNormMonitorConfig)
+    activations: ActivationMonitorConfig = field(default_factory=ActivationMonitorConfig)
+    attention_logits: AttentionLogitMonitorConfig = field(default_factory=AttentionLogitMonitorConfig)
+    context_rms: ContextRMSMonitorConfig = field(default_factory=ContextRMSMonitorConfig)
+    lambdas: LambdaMonitorConfig = field(default_factory=LambdaMonitorConfig)
+    attention_sinks: AttentionSinkMonitorConfig = field(default_factory=AttentionSinkMonitorConfig)
+    spikes: SpikeMonitorConfig = field(default_factory=SpikeMonitorConfig)
+    moe: MoEMonitorConfig = field(default_factory=MoEMonitorConfig)
+    perf: PerfMonitorConfig = field(default_factory=PerfMonitorConfig)
+
+
+@dataclass
 class Config:
     seed: int = 0  # seeds model init, data shuffling and every RNG
     run_name: str = "${model.name}-${model.attention.variant}-s${seed}"  # run directory name under runs/
@@ -120,6 +200,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
 def register_configs() -> None:
@@ -133,6 +214,7 @@ def register_configs() -> None:
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="logging", name="schema", node=LoggingConfig)
+    cs.store(group="monitoring", name="schema", node=MonitoringConfig)
 
 
 def _choice(key: str, value: str, options: tuple) -> None:
@@ -164,7 +246,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _positive(f"model.{key}", getattr(m, key))
     for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_batches"):
         _positive(f"trainer.{key}", getattr(t, key))
-    for key in ("eval_interval", "ckpt_interval", "keep_last"):
+    for key in ("eval_interval", "ckpt_interval"):
+        if getattr(t, key) < -1:
+            raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= -1 (-1 = never, 0 = only at the end)")
+    for key in ("keep_last",):
         _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
@@ -191,5 +276,29 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError(
             f"data.weights has {len(cfg.data.weights)} entries but data.prefixes has {len(cfg.data.prefixes)}"
         )
+    validate_monitoring(cfg.monitoring)
     if t.resume not in ("auto", "none") and not t.resume:
         raise ValueError("trainer.resume must be auto, none or a checkpoint path")
+
+
+def validate_monitoring(mon: MonitoringConfig) -> None:
+    _positive("monitoring.probe_sequences", mon.probe_sequences)
+    for name in ("grad_norms", "activations", "attention_logits", "context_rms", "lambdas", "attention_sinks",
+                 "spikes", "moe"):
+        _positive(f"monitoring.{name}.interval", getattr(mon, name).interval)
+    _positive("monitoring.perf.interval", mon.perf.interval, allow_zero=True)
+    for name in ("context_rms", "lambdas"):
+        sub = getattr(mon, name)
+        if sub.heatmap_interval <= 0 or sub.heatmap_interval % sub.interval:
+            raise ValueError(
+                f"monitoring.{name}.heatmap_interval={sub.heatmap_interval} must be a positive multiple of "
+                f"monitoring.{name}.interval={sub.interval}"
+            )
+    _positive("monitoring.activations.top_k", mon.activations.top_k)
+    s = mon.spikes
+    _positive("monitoring.spikes.k", s.k)
+    _positive("monitoring.spikes.score_window", s.score_window)
+    if s.window < 2:
+        raise ValueError(f"monitoring.spikes.window={s.window} must be >= 2 (the rolling std needs two values)")
+    if s.warmup_steps < 2:
+        raise ValueError(f"monitoring.spikes.warmup_steps={s.warmup_steps} must be >= 2 so the window has a std")

@@ -19,10 +19,12 @@ from tqdm import tqdm
 
 from diffv2 import checkpoint
 from diffv2.config import Config
-from diffv2.flops import count, peak_flops
+from diffv2.flops import count
 from diffv2.kernels import doc_ids_from_tokens, resolve_backend
 from diffv2.model import Transformer
 from diffv2.optim import build_optimizer, lr_at, set_lr
+from monitoring.build import build_monitors
+from monitoring.callback import StepResult, TrainContext, to_host
 from monitoring.sink import MetricSink
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class Trainer:
         from data.tokenizer import load_tokenizer, check_vocab
 
         cfg, t = self.cfg, self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else None
         if meta:
             self._check_compatible(meta)
@@ -135,67 +138,92 @@ class Trainer:
                              num_workers=cfg.data.num_workers, seed=cfg.seed)
         batches = iter(loader)
         eod = tokenizer.eod if cfg.model.attention.doc_mask else None
-        peak = peak_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else 0.0
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        monitors = build_monitors(cfg.monitoring, t.log_interval)
+        ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
+                           flops_per_token=counts.flops_per_token, tokens_per_step=tokens_per_step, start_step=step,
+                           autocast_dtype=self.autocast_dtype,
+                           probe_tokens=self._probe_batch(valid_ds) if monitors else None)
+        saved = trainer_state.get("monitors", {})
+        for m in monitors:
+            if m.name in saved:
+                m.load_state_dict(saved[m.name])
+            m.on_train_start(ctx)
         summary = {"run_dir": str(self.run_dir)}
         bar = tqdm(total=t.max_steps, initial=step, disable=not cfg.logging.progress, unit="step", dynamic_ncols=True)
-        window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
-        ce_sum = torch.zeros((), device=self.device)
+        ce_sum, window_steps = torch.zeros((), device=self.device), 0
 
-        while step < t.max_steps:
-            lr = lr_at(step, cfg.optim, t.max_steps)
-            set_lr(optimizer, lr)
-            for _ in range(self.accum):
-                t0 = time.perf_counter()
-                tokens = next(batches).to(self.device, non_blocking=True)
-                data_time += time.perf_counter() - t0
-                loss, ce, _ = self._forward(model, tokens, eod)
-                (loss / self.accum).backward()
-                ce_sum += ce.detach() / self.accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_steps += 1
-            bar.update(1)
+        try:
+            while step < t.max_steps:
+                lr = lr_at(step, cfg.optim, t.max_steps)
+                set_lr(optimizer, lr)
+                for m in monitors:
+                    m.on_step_start(step + 1)
+                step_loss, data_time = torch.zeros((), device=self.device), 0.0
+                for _ in range(self.accum):
+                    t0 = time.perf_counter()
+                    tokens = next(batches).to(self.device, non_blocking=True)
+                    data_time += time.perf_counter() - t0
+                    loss, ce, _ = self._forward(model, tokens, eod)
+                    (loss / self.accum).backward()
+                    step_loss += ce.detach() / self.accum
+                metrics = {k: v for m in monitors for k, v in m.on_before_optimizer_step(step + 1).items()}
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                result = StepResult(step, step_loss, grad_norm, lr, sample_index=(step - 1) * t.global_batch_size,
+                                    batch_size=t.global_batch_size, data_time_s=data_time)
+                metrics.update({k: v for m in monitors for k, v in m.on_step_end(result).items()})
+                ce_sum, window_steps = ce_sum + step_loss, window_steps + 1
 
-            last = step == t.max_steps
-            if step % t.log_interval == 0 or last:
-                elapsed = time.perf_counter() - window_start
-                loss_value = ce_sum.item() / window_steps
-                tok_s = window_steps * tokens_per_step / elapsed
-                metrics = {"train/loss": loss_value, "train/lr": lr, "grad/norm": grad_norm.item(),
-                           "perf/tokens_per_s": tok_s, "perf/step_time_s": elapsed / window_steps,
-                           "perf/data_share": data_time / elapsed, "train/tokens": step * tokens_per_step}
-                if peak:
-                    metrics["perf/mfu"] = tok_s * counts.flops_per_token / peak
-                    metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                sink.log(step, metrics)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                bar.write(_format(step, metrics))
-                summary["train/loss"] = loss_value
-                ce_sum.zero_()
-                window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
-            if (t.eval_interval and step % t.eval_interval == 0) or last:
-                val = self._evaluate(model, valid_ds, eod)
-                sink.log(step, {"train/val_loss": val})
-                bar.write(f"step {step:>6} | validation loss {val:.4f}")
-                summary["train/val_loss"] = val
-            if (t.ckpt_interval and step % t.ckpt_interval == 0) or last:
-                path = checkpoint.save(
-                    self.ckpt_root, step, model, optimizer,
-                    trainer_state={"rng": rng_state()},
-                    meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
-                          "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
-                          "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size},
-                    keep_last=t.keep_last,
-                )
-                summary["checkpoint"] = str(path)
-                window_start = time.perf_counter()  # checkpoint time is not training throughput
+                last = step == t.max_steps
+                if step % t.log_interval == 0 or last:
+                    metrics.update({"train/loss": ce_sum / window_steps, "train/lr": lr, "grad/norm": grad_norm,
+                                    "train/tokens": step * tokens_per_step})
+                    ce_sum, window_steps = torch.zeros((), device=self.device), 0
+                if metrics:  # device values become floats only on steps that log
+                    metrics = to_host(metrics)
+                    sink.log(step, metrics)
+                    if "train/loss" in metrics:
+                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
+                        bar.write(_format(step, metrics))
+                        summary["train/loss"] = metrics["train/loss"]
+                if _due(step, t.eval_interval, last):
+                    val = self._evaluate(model, valid_ds, eod)
+                    sink.log(step, {"train/val_loss": val})
+                    bar.write(f"step {step:>6} | validation loss {val:.4f}")
+                    summary["train/val_loss"] = val
+                stop = next((reason for m in monitors if (reason := m.should_stop())), None)
+                if _due(step, t.ckpt_interval, last) or stop:
+                    path = checkpoint.save(
+                        self.ckpt_root, step, model, optimizer,
+                        trainer_state={"rng": rng_state(), "monitors": {m.name: m.state_dict() for m in monitors}},
+                        meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
+                              "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
+                              "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size},
+                        keep_last=t.keep_last,
+                    )
+                    summary["checkpoint"] = str(path)
+                if stop:
+                    log.warning("stopping at step %d: %s", step, stop)
+                    summary["stopped"] = stop
+                    break
+        finally:
+            for m in monitors:
+                m.on_train_end()
         bar.close()
         sink.finish()
         summary["metrics"] = str(sink.path)
         return summary
+
+    def _probe_batch(self, valid_ds) -> Optional[torch.Tensor]:
+        """The first monitoring.probe_sequences validation samples: one fixed batch for every probe, no RNG drawn."""
+        if valid_ds is None:
+            return None
+        n = min(self.cfg.monitoring.probe_sequences, len(valid_ds))
+        return torch.stack([valid_ds[i] for i in range(n)]).to(self.device)
 
     def _forward(self, model, tokens_BN1, eod):
         x, y = tokens_BN1[:, :-1], tokens_BN1[:, 1:]
@@ -224,9 +252,16 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _due(step: int, interval: int, last: bool) -> bool:
+    """Every `interval` steps and at the last one; 0 = only at the last step; -1 = never (benchmarks)."""
+    return interval > 0 and step % interval == 0 or (last and interval >= 0)
+
+
 def _format(step: int, metrics: dict) -> str:
     parts = [f"step {step:>6}", f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",
-             f"grad {metrics['grad/norm']:.3f}", f"{metrics['perf/tokens_per_s']:,.0f} tok/s"]
+             f"grad {metrics['grad/norm']:.3f}"]
+    if "perf/tokens_per_s" in metrics:
+        parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tok/s")
     if "perf/mfu" in metrics:
         parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
     return " | ".join(parts)

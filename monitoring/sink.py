@@ -1,4 +1,9 @@
-"""Where metrics go: `metrics.jsonl` in the run directory (always) and W&B (online, offline or disabled)."""
+"""Where metrics go: `metrics.jsonl` in the run directory (always) and W&B (online, offline or disabled).
+
+Values are floats, nested lists (layer x head matrices) or `Table`s (rows to append). In metrics.jsonl a
+matrix stays a nested list and a Table becomes a list of {column: value} dicts; in W&B a matrix becomes a
+heatmap image and a Table an incrementally logged `wandb.Table`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,20 @@ from pathlib import Path
 from typing import Optional
 
 from diffv2.config import WandbConfig
+from monitoring.callback import Table
 
 log = logging.getLogger(__name__)
+
+# Summaries W&B shows in the runs table; the key prefixes (train/ grad/ act/ attn/ moe/ spike/ perf/) give the
+# workspace one panel section per group.
+SUMMARIES = {"train/loss": "min", "train/val_loss": "min", "grad/norm": "max", "act/max_abs/*": "max",
+             "attn/logit_max_abs/*": "max", "spike/count": "last", "spike/score": "max", "perf/tokens_per_s": "mean"}
 
 
 def resolve_wandb_mode(mode: str) -> str:
     """`auto` means online when an API key is configured, otherwise offline (announced once)."""
+    if os.environ.get("WANDB_MODE") == "":
+        del os.environ["WANDB_MODE"]  # wandb itself rejects an empty mode
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE"):
@@ -40,17 +53,35 @@ class MetricSink:
                 project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, dir=str(run_dir),
                 id=run_id, resume="allow", mode=mode, config=config_dict, tags=sorted(set(tags + list(cfg.tags))),
             )
+            for key, summary in SUMMARIES.items():
+                self.run.define_metric(key, summary=summary)
+        self._tables: dict = {}
 
     @property
     def run_id(self) -> Optional[str]:
         return self.run.id if self.run is not None else None
 
     def log(self, step: int, metrics: dict) -> None:
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log({k: self._wandb_value(k, v) for k, v in metrics.items()}, step=step)
+
+    def _wandb_value(self, key: str, value):
+        import wandb
+
+        if isinstance(value, Table):
+            if key not in self._tables:
+                self._tables[key] = wandb.Table(columns=value.columns, log_mode="INCREMENTAL")
+            for row in value.rows:
+                self._tables[key].add_data(*[json.dumps(v) if isinstance(v, list) else v for v in row])
+            return self._tables[key]
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            from monitoring.plots import heatmap_image
+
+            return wandb.Image(heatmap_image(value, key))
+        return value
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so metrics.jsonl has one line per step."""
@@ -62,3 +93,13 @@ class MetricSink:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def _jsonable(value):
+    if isinstance(value, Table):
+        return [dict(zip(value.columns, [_jsonable(v) for v in row])) for row in value.rows]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,197 @@
+"""Gradient norms: global pre/post clip, clip coefficient, per layer and per module kind; parameter norms and
+the update/parameter ratio per layer.
+
+Sharded correctness. Every norm is the square root of a sum of squares, and sums of squares add over disjoint
+pieces. Each tensor contributes the sum of squares of its *local* values (one fused `torch._foreach_norm`);
+contributions are added into one vector of buckets (kinds, layers), and that vector gets a single
+`all_reduce(SUM)` when a process group is up. A DTensor shard (FSDP2 `Shard`, TP) contributes its local
+piece divided by the number of ranks that replicate it (its `Replicate` mesh dims), so the world-wide sum counts
+every element once; a plain tensor (single device, or DDP where every rank holds the full gradient) is already
+the full value and is divided by the world size before the reduction. `Partial` placements are refused:
+reduce-scatter them first. An engine that keeps gradients outside `param.grad` (DeepSpeed ZeRO) supplies
+`TrainContext.named_grads` yielding its local partitions wrapped in `ShardedLocal(tensor)`, which count as
+disjoint shards. Assumes every rank holds a piece of the same parameters (FSDP/TP/DDP meshes spanning all
+ranks); pipeline stages would need per-stage weights.
+
+Post-clip norm and clip coefficient follow `torch.nn.utils.clip_grad_norm_`: coef = min(1, max / (norm + 1e-6)).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+from monitoring.callback import Callback, StepResult, TrainContext, every
+
+KINDS = ("q", "k", "v", "o", "lambda", "mlp", "router", "experts", "embed", "norm", "other")
+_LAYER = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+class ShardedLocal:
+    """Marks a plain local tensor as this rank's disjoint shard of a larger tensor (e.g. a ZeRO partition)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def kind_of(name: str) -> str:
+    """Module kind of a parameter from its name (q/k/v/o/lambda projections, MLP, router, experts, ...)."""
+    parts = name.split(".")
+    if any(p == "router" for p in parts):
+        return "router"
+    if any(p == "experts" for p in parts):
+        return "experts"
+    if any(p.endswith("norm") or p == "subln" for p in parts[:-1]):
+        return "norm"
+    for proj, kind in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"), ("lambda_proj", "lambda")):
+        if proj in parts:
+            return kind
+    if any(p.startswith("lambda_") for p in parts):  # DIFF V1 lambda_{q1,k1,q2,k2}
+        return "lambda"
+    if "mlp" in parts or any(p in ("gate_proj", "up_proj", "down_proj") for p in parts):
+        return "mlp"
+    if any(p in ("embed", "lm_head") for p in parts):
+        return "embed"
+    return "other"
+
+
+def layer_of(name: str) -> Optional[int]:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_piece(t) -> tuple[torch.Tensor, float]:
+    """This rank's values of t and the weight of their sum of squares in a world-wide SUM (see module doc)."""
+    if isinstance(t, ShardedLocal):
+        return t.tensor.detach(), 1.0
+    if DTensor is not None and isinstance(t, DTensor):
+        if any(isinstance(p, Partial) for p in t.placements):
+            raise ValueError("grad norms need reduced gradients; got a DTensor with a Partial placement")
+        replicas = 1
+        for dim, p in enumerate(t.placements):
+            if isinstance(p, Replicate):
+                replicas *= t.device_mesh.size(dim)
+        return t.to_local().detach(), 1.0 / replicas
+    return t.detach(), 1.0 / _world()
+
+
+class _Plan:
+    """Device index tensors for one layout of pieces, built once (no host-to-device copies per reading)."""
+
+    def __init__(self, pieces, device: torch.device):
+        groups: dict[tuple, list[int]] = {}
+        for i, (t, _, _) in enumerate(pieces):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        self.groups = [(idx, torch.tensor(idx, device=device)) for idx in groups.values()]
+        rows = [(i, b, w) for i, (_, w, buckets) in enumerate(pieces) for b in buckets]
+        self.src = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
+        self.dst = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
+        self.weight = torch.tensor([r[2] for r in rows], dtype=torch.float32, device=device)
+
+
+def bucket_sum_squares(pieces: list[tuple[torch.Tensor, float, Sequence[int]]], n_buckets: int,
+                       device: torch.device, plans: Optional[dict] = None) -> torch.Tensor:
+    """Global sum of squares per bucket, (n_buckets,), from (local tensor, weight, buckets it counts in) pieces:
+    one fused norm kernel per (device, dtype) group and one all_reduce for all buckets together. `plans`
+    caches the index tensors per layout across calls."""
+    key = tuple((t.device, t.dtype, w, tuple(b)) for t, w, b in pieces)
+    plans = {} if plans is None else plans
+    plan = plans.get(key) or plans.setdefault(key, _Plan(pieces, device))
+    sq = torch.zeros(len(pieces), dtype=torch.float32, device=device)
+    for idx, idx_t in plan.groups:
+        sq[idx_t] = torch.stack(torch._foreach_norm([pieces[i][0] for i in idx])).float().to(device).square()
+    sums = torch.zeros(n_buckets, dtype=torch.float32, device=device)
+    sums.index_add_(0, plan.dst, sq[plan.src] * plan.weight)
+    if _world() > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
+class GradNormMonitor(Callback):
+    name = "grad_norms"
+
+    def __init__(self, interval: int, param_norms: bool = True):
+        self.interval, self.param_norms = interval, param_norms
+        self._before: Optional[list[tuple[torch.Tensor, float]]] = None
+        self._metrics: dict = {}
+        self._plans: dict = {}
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        self.last = ctx.cfg.trainer.max_steps
+        self.ctx = ctx
+        self.max_norm = ctx.cfg.optim.grad_clip
+        self.params = [(n, p) for n, p in ctx.model.named_parameters() if p.requires_grad]
+        self.kinds = [k for k in KINDS if any(kind_of(n) == k for n, _ in self.params)]
+        self.layers = sorted({layer_of(n) for n, _ in self.params} - {None})
+
+    def _buckets(self, name: str) -> list[int]:
+        """Buckets: kinds [0, K), layers [K, K + L), everything at K + L."""
+        k, layer = len(self.kinds), layer_of(name)
+        out = [self.kinds.index(kind_of(name)), k + len(self.layers)]
+        if layer is not None:
+            out.append(k + self.layers.index(layer))
+        return out
+
+    def _named_grads(self) -> Iterable[tuple[str, object]]:
+        if self.ctx.named_grads is not None:
+            return self.ctx.named_grads()
+        return ((n, p.grad) for n, p in self.params if p.grad is not None)
+
+    def on_before_optimizer_step(self, step: int) -> dict:
+        if not every(step, self.interval, self.last):
+            return {}
+        pieces = [(*local_piece(g), self._buckets(n)) for n, g in self._named_grads()]
+        sums = bucket_sum_squares(pieces, len(self.kinds) + len(self.layers) + 1, self.ctx.device, self._plans).sqrt()
+        self._metrics = {f"grad/norm_kind/{k}": sums[i] for i, k in enumerate(self.kinds)}
+        for i, layer in enumerate(self.layers):
+            self._metrics[f"grad/norm_layer/L{layer:02d}"] = sums[len(self.kinds) + i]
+        if self.param_norms:
+            self._before = [local_piece(p) for _, p in self.params]
+            self._before = [(t.clone(), w) for t, w in self._before]
+        return {}
+
+    def on_step_end(self, result: StepResult) -> dict:
+        if not every(result.step, self.interval, self.last):
+            return {}
+        metrics, self._metrics = self._metrics, {}
+        norm = result.grad_norm.detach().float()
+        coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0) if self.max_norm else torch.ones_like(norm)
+        metrics.update({"grad/norm_clipped": norm * coef, "grad/clip_coef": coef})
+        if self._before is not None:
+            metrics.update(self._param_metrics())
+        return metrics
+
+    def _param_metrics(self) -> dict:
+        """Parameter norm after the step and |update| / |param| per layer (update = params after - before)."""
+        before, self._before = self._before, None
+        nl = len(self.layers)
+
+        def buckets(name, offset):  # layers [0, L), everything at L; params first, updates after
+            layer = layer_of(name)
+            return [offset + nl] + ([offset + self.layers.index(layer)] if layer is not None else [])
+
+        now = [local_piece(p)[0] for _, p in self.params]
+        olds = [old for old, _ in before]
+        torch._foreach_sub_(olds, now)  # in place: -update, same norm
+        pieces = []
+        for (name, _), t, (old, w) in zip(self.params, now, before):
+            pieces += [(t, w, buckets(name, 0)), (old, w, buckets(name, nl + 1))]
+        sums = bucket_sum_squares(pieces, 2 * (nl + 1), self.ctx.device, self._plans).sqrt()
+        params, updates = sums[: nl + 1], sums[nl + 1 :]
+        metrics = {"grad/param_norm": params[nl], "grad/update_ratio": updates[nl] / params[nl]}
+        for i, layer in enumerate(self.layers):
+            metrics[f"grad/param_norm_layer/L{layer:02d}"] = params[i]
+            metrics[f"grad/update_ratio_layer/L{layer:02d}"] = updates[i] / params[i]
+        return metrics
