@@ -52,6 +52,7 @@ class MetricSink:
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, dir=str(run_dir),
                 id=run_id, resume="allow", mode=mode, config=config_dict, tags=sorted(set(tags + list(cfg.tags))),
+                settings=wandb.Settings(quiet=True),  # our console line already summarises the run
             )
             for key, summary in SUMMARIES.items():
                 self.run.define_metric(key, summary=summary)
@@ -85,14 +86,25 @@ class MetricSink:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so metrics.jsonl has one line per step."""
-        if not self.path.exists():
-            return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+        rewind_jsonl(self.path, step)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
+
+
+def rewind_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a {"step": ...} JSONL log up to `step`, and drop a last line cut short by a killed write."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: dropped an unreadable line (a write cut short by a crash?): %.80s", path, line)
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _jsonable(value):
