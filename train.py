@@ -3,13 +3,18 @@
     python train.py                                  # tiny DIFF V2 on the shipped sample, CPU, minutes
     python train.py attention=baseline               # the same with standard attention
     python train.py -m attention=diffv2,baseline seed=0,1,2
+
+Exit codes: 0 done; 2 refused at start-up (one `error:` line; an existing run directory is left as it was);
+3 stopped mid-run (non-finite steps, a full disk; the line says which checkpoint holds the last good state).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import warnings
 
@@ -24,23 +29,28 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 register_configs()
 log = logging.getLogger("train")
 logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builder logs every index step
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+HYDRA_BOILERPLATE = ("full_key:", "reference_type=", "object_type=", "See https://", "Config search path", "provider=")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(dcfg: DictConfig) -> dict:
-    from diffv2.record import write_record
-    from diffv2.trainer import Trainer
+    from diffv2.trainer import RunStopped, Trainer
 
     try:
         cfg: Config = OmegaConf.to_object(dcfg)
-        validate(cfg)
+        validate(cfg, world_size=_world_size())
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        trainer = Trainer(cfg, run_dir)
-        write_record(run_dir, OmegaConf.to_yaml(dcfg, resolve=True))
-        summary = trainer.run()
+        summary = Trainer(cfg, run_dir, record_yaml=OmegaConf.to_yaml(dcfg, resolve=True)).run()
     except ValueError as e:  # user errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
+        sys.exit(2)
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     log.info(
         "done: train loss %.4f, validation loss %.4f | run dir %s | checkpoint %s | metrics %s",
         summary.get("train/loss", float("nan")), summary.get("train/val_loss", float("nan")),
@@ -49,5 +59,39 @@ def main(dcfg: DictConfig) -> dict:
     return summary
 
 
+def _world_size() -> int:
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE={value!r} is not a positive integer (torchrun sets it; unset it for one process)")
+    return int(value)
+
+
+def compose_error(overrides: list[str]) -> Optional[str]:
+    """Hydra reports a mistyped key, a wrong type or an unknown option over several lines; composing the same
+    overrides here first reports them in one. Hydra flags (-m, --cfg, --help, ...) are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(arg.startswith("-") for arg in overrides):
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    except MissingConfigException as e:
+        options = ", ".join(o for o in e.options or [] if o != "schema")
+        return f"{str(e).splitlines()[0]} (options: {options})"
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        text = "\n".join(str(x) for x in (e, e.__cause__) if x is not None)
+        lines = [ln.strip().rstrip(".") for ln in text.splitlines() if ln.strip()]
+        message = "; ".join(ln for ln in lines if not ln.startswith(HYDRA_BOILERPLATE))
+        key = getattr(e.__cause__ or e, "full_key", None)
+        return message if not key or key in message else f"{key}: {message}"
+    return None
+
+
 if __name__ == "__main__":
+    if problem := compose_error(sys.argv[1:]):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

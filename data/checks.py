@@ -23,6 +23,7 @@ SCAN_WINDOWS = 64  # larger files: this many evenly spaced windows (a wrong toke
 SCAN_WINDOW_TOKENS = 1 << 20
 SPLIT_NAMES = ("train", "valid", "test")
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # first bytes of every Megatron .idx file
+INDEX_FIXED = struct.Struct("<9sQBQQ")  # header, version, dtype code, sequence count, document count
 
 
 def _prepare_hint(prefix: str, tokenizer: Tokenizer) -> str:
@@ -55,18 +56,15 @@ def check_prefix(prefix: str, tokenizer: Tokenizer) -> np.ndarray:
 
     Megatron splits train/valid/test by sequence; data.prepare writes one sequence per document.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
             raise ValueError(
                 f"missing {path} (give data.prefixes without .bin/.idx, or {_prepare_hint(prefix, tokenizer)})"
             )
-    with open(idx_path, "rb") as f:
-        # Checked here because megatron's IndexedDataset, failing on a bad header, also raises from its __del__.
-        if f.read(len(INDEX_HEADER)) != INDEX_HEADER:
-            raise ValueError(f"{idx_path}: not a Megatron index (bad header) ({_prepare_hint(prefix, tokenizer)})")
+    _check_index_layout(idx_path, prefix, tokenizer)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # after the cheap checks: importing takes seconds
+
     try:
         with warnings.catch_warnings():
             # megatron-core 0.19 warns that it "could not determine rank" when it logs outside a process group.
@@ -98,6 +96,23 @@ def check_prefix(prefix: str, tokenizer: Tokenizer) -> np.ndarray:
             f"or {_prepare_hint(prefix, tokenizer)})"
         )
     return lengths
+
+
+def _check_index_layout(idx_path: str, prefix: str, tokenizer: Tokenizer) -> None:
+    """Header and size of a .idx, checked here because megatron's IndexedDataset, failing on a damaged index, also
+    raises from its __del__ (a second traceback after our one-line error)."""
+    with open(idx_path, "rb") as f:
+        fixed = f.read(INDEX_FIXED.size)
+    if len(fixed) < INDEX_FIXED.size or not fixed.startswith(INDEX_HEADER):
+        raise ValueError(f"{idx_path}: not a Megatron index (bad header) ({_prepare_hint(prefix, tokenizer)})")
+    _, _, _, sequences, documents = INDEX_FIXED.unpack(fixed)
+    expected = INDEX_FIXED.size + sequences * (4 + 8) + documents * 8  # lengths int32, pointers and doc ids int64
+    actual = os.path.getsize(idx_path)
+    if actual not in (expected, expected + sequences):  # + one int8 mode per sequence in multimodal indexes
+        raise ValueError(
+            f"{idx_path} has {actual} bytes but its header describes {expected} (truncated or from another run; "
+            f"{_prepare_hint(prefix, tokenizer)})"
+        )
 
 
 def _check_manifest(prefix: str, manifest: dict, dtype: np.dtype, n_tokens: int, tokenizer: Tokenizer) -> None:

@@ -129,9 +129,6 @@ def build_datasets(
     `num_samples` = {"train": n, "valid": m} counts samples over all ranks together; megatron draws as many
     epochs as needed to supply them. Every check that can fail runs before megatron builds anything.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     if cfg.seq_len < 1:
         raise ValueError(f"data.seq_len={cfg.seq_len} must be >= 1")
     if not 0 <= data_parallel_rank < data_parallel_size:
@@ -149,6 +146,9 @@ def build_datasets(
         lengths = check_prefix(prefix, tokenizer)
         check_splits(prefix, lengths, cfg.split, cfg.seq_len)
         tokens_per_prefix.append(float(lengths.sum()))
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
     weights: Optional[List[float]] = None
     if len(prefixes) > 1:
         # Default weights = token counts; megatron's own "None" caps a blend at one epoch of its parts.

@@ -197,8 +197,6 @@ def prepare(
     Outputs are written under temporary names and renamed at the end, so a crash never leaves a
     half-written dataset under the final name.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
     if errors not in ("strict", "replace"):
         raise ValueError(f"bad errors mode {errors!r} (give strict or replace)")
     files = list_files(inputs)
@@ -206,6 +204,8 @@ def prepare(
     spec = resolve_tokenizer_spec(tokenizer_spec, files, out_prefix, text_key, errors)
     tokenizer = load_tokenizer(spec)
     spec = tokenizer.spec  # absolute, so workers and the manifest do not depend on the working directory
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # after the cheap checks
+
     dtype = DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65500 ids, else int32
     tmp = f"{out_prefix}.tmp{os.getpid()}"
     infos: List[Dict[str, Any]] = []

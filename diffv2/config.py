@@ -94,6 +94,8 @@ class TrainerConfig:
     resume: str = "auto"  # auto (latest valid checkpoint in the run dir) | none | path to a checkpoint
     compile: bool = False  # torch.compile each block
     deterministic: bool = True  # deterministic algorithms on CPU (exact resume); off on GPU for speed
+    nonfinite: str = "skip"  # NaN/Inf loss or grad norm: skip (undo the step) | stop (at the first) | ignore (no check)
+    max_bad_steps: int = 10  # nonfinite=skip: this many non-finite steps in a row save a checkpoint and stop the run
 
 
 @dataclass
@@ -241,10 +243,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("optim.fused", o.fused, ("auto", "on", "off"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("trainer.nonfinite", t.nonfinite, ("skip", "stop", "ignore"))
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     for key in ("d_model", "n_layers", "head_dim", "ffn_hidden", "vocab_size", "max_seq_len", "ce_chunk"):
         _positive(f"model.{key}", getattr(m, key))
-    for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_batches"):
+    for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):
         _positive(f"trainer.{key}", getattr(t, key))
     for key in ("eval_interval", "ckpt_interval"):
         if getattr(t, key) < -1:
@@ -256,6 +259,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     _positive("data.seq_len", cfg.data.seq_len)
+    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    _positive("optim.eps", o.eps)
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ValueError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ValueError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if not 0 < a.head_multiplier <= 4:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
@@ -38,8 +39,10 @@ def versions() -> dict:
 
 
 def write_record(run_dir: Path, resolved_yaml: str) -> None:
-    """config.yaml, git.json (+ git.diff when the tree is dirty) and versions.json in the run directory."""
+    """config.yaml, git.json (+ git.diff when the tree is dirty) and versions.json in the run directory; from now
+    on the log also goes to train.log (appended across resumes)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(run_dir / "train.log")
     (run_dir / "config.yaml").write_text(resolved_yaml)
     src = Path(__file__).resolve().parent.parent
     commit = _git("rev-parse", "HEAD", cwd=src).strip()
@@ -48,3 +51,12 @@ def write_record(run_dir: Path, resolved_yaml: str) -> None:
     if diff:
         (run_dir / "git.diff").write_text(diff)
     (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
+
+
+def _log_to_file(path: Path) -> None:
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)

@@ -1,6 +1,7 @@
 """Single-machine training loop: config -> build (data, model, optimizer, sinks) -> loop.
 
-No host synchronisation inside a step except at log, eval and checkpoint steps.
+No host synchronisation inside a step except at log, eval and checkpoint steps. Failure behaviour (non-finite
+steps, a full disk, kills mid-save) is described in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffv2 import checkpoint
+from diffv2 import checkpoint, faults
 from diffv2.config import Config
 from diffv2.flops import count
 from diffv2.kernels import doc_ids_from_tokens, resolve_backend
 from diffv2.model import Transformer
+from diffv2.nonfinite import NonFiniteGuard
 from diffv2.optim import build_optimizer, lr_at, set_lr
+from diffv2.record import write_record
 from monitoring.build import build_monitors
 from monitoring.callback import StepResult, TrainContext, to_host
 from monitoring.sink import MetricSink
@@ -43,14 +46,20 @@ def rng_state() -> dict:
     return state
 
 
+class RunStopped(RuntimeError):
+    """The run cannot go on safely (non-finite steps, a full disk); the message says what was kept."""
+
+
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: Config, run_dir: Path, record_yaml: Optional[str] = None):
+        """`record_yaml`: the resolved config, written with the run record once every start-up check has passed."""
+        self.cfg, self.run_dir, self.record_yaml = cfg, run_dir, record_yaml
         t = cfg.trainer
         want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
             raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
         self.device = torch.device("cuda" if want_cuda else "cpu")
+        self.backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask)
         bf16 = t.precision == "bf16" or (t.precision == "auto" and want_cuda)
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.accum = t.global_batch_size // t.micro_batch_size
@@ -67,7 +76,13 @@ class Trainer:
                 )
             return None
         if mode == "auto":
-            return checkpoint.latest_valid(self.ckpt_root)
+            found = checkpoint.latest_valid(self.ckpt_root)
+            if found is None and checkpoint.list_checkpoints(self.ckpt_root):  # never restart over damaged history
+                raise ValueError(
+                    f"no checkpoint in {self.ckpt_root} verifies (reasons logged above); move them aside to start "
+                    f"over, or pick one with trainer.resume=PATH"
+                )
+            return found
         path = Path(mode)
         problem = checkpoint.verify(path) if path.is_dir() else "not a directory"
         if problem:
@@ -113,7 +128,7 @@ class Trainer:
             cfg.data, cfg.seed, tokenizer,
             num_samples={"train": t.max_steps * t.global_batch_size, "valid": t.eval_batches * t.micro_batch_size},
         )
-        backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask)
+        backend = self.backend
         model = Transformer(cfg.model, backend).to(self.device)
         if t.compile:
             for block in model.blocks:
@@ -128,9 +143,10 @@ class Trainer:
             trainer_state = checkpoint.load(self.resume_from, model, optimizer)
             step = meta["step"]
             log.info("resumed from %s at step %d", self.resume_from, step)
-        sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
-                          tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"])
-        sink.truncate_after(step)
+        guard = None if t.nonfinite == "ignore" else NonFiniteGuard(t.nonfinite, t.max_bad_steps, model, optimizer,
+                                                                     self.device)
+        if guard is not None and "nonfinite" in trainer_state:
+            guard.load_state_dict(trainer_state["nonfinite"])
         if "rng" in trainer_state:
             _restore_rng(trainer_state["rng"])
 
@@ -149,6 +165,11 @@ class Trainer:
             if m.name in saved:
                 m.load_state_dict(saved[m.name])
             m.on_train_start(ctx)
+        if self.record_yaml is not None:  # only now: a run refused at start-up leaves its directory as it was
+            write_record(self.run_dir, self.record_yaml)
+        sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
+                          tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"])
+        sink.truncate_after(step)
         summary = {"run_dir": str(self.run_dir)}
         bar = tqdm(total=t.max_steps, initial=step, disable=not cfg.logging.progress, unit="step", dynamic_ncols=True)
         ce_sum, window_steps = torch.zeros((), device=self.device), 0
@@ -159,29 +180,40 @@ class Trainer:
                 set_lr(optimizer, lr)
                 for m in monitors:
                     m.on_step_start(step + 1)
+                faults.kill("step", step + 1)
                 step_loss, data_time = torch.zeros((), device=self.device), 0.0
                 for _ in range(self.accum):
                     t0 = time.perf_counter()
                     tokens = next(batches).to(self.device, non_blocking=True)
                     data_time += time.perf_counter() - t0
                     loss, ce, _ = self._forward(model, tokens, eod)
+                    loss, ce = faults.poison_loss(step + 1, loss, ce)
                     (loss / self.accum).backward()
                     step_loss += ce.detach() / self.accum
                 metrics = {k: v for m in monitors for k, v in m.on_before_optimizer_step(step + 1).items()}
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                faults.kill("backward", step + 1)
+                if guard is not None:
+                    guard.before_step()
                 optimizer.step()
+                bad = guard.after_step(step_loss, grad_norm) if guard is not None else None
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
                 result = StepResult(step, step_loss, grad_norm, lr, sample_index=(step - 1) * t.global_batch_size,
                                     batch_size=t.global_batch_size, data_time_s=data_time)
                 metrics.update({k: v for m in monitors for k, v in m.on_step_end(result).items()})
-                ce_sum, window_steps = ce_sum + step_loss, window_steps + 1
+                if bad is None:
+                    ce_sum, window_steps = ce_sum + step_loss, window_steps + 1
+                else:  # a skipped step stays out of the logged loss average
+                    ce_sum, window_steps = ce_sum + torch.where(bad, 0.0, step_loss), window_steps + ~bad
 
                 last = step == t.max_steps
                 if step % t.log_interval == 0 or last:
                     metrics.update({"train/loss": ce_sum / window_steps, "train/lr": lr, "grad/norm": grad_norm,
                                     "train/tokens": step * tokens_per_step})
+                    if guard is not None:
+                        metrics.update(guard.metrics())
                     ce_sum, window_steps = torch.zeros((), device=self.device), 0
                 if metrics:  # device values become floats only on steps that log
                     metrics = to_host(metrics)
@@ -190,30 +222,44 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
                         bar.write(_format(step, metrics))
                         summary["train/loss"] = metrics["train/loss"]
+                faults.kill("logged", step)
+                diverged = guard.stop_reason(metrics, step) if "train/nonfinite_streak" in metrics else None
                 if _due(step, t.eval_interval, last):
+                    faults.kill("eval", step)
                     val = self._evaluate(model, valid_ds, eod)
                     sink.log(step, {"train/val_loss": val})
                     bar.write(f"step {step:>6} | validation loss {val:.4f}")
                     summary["train/val_loss"] = val
-                stop = next((reason for m in monitors if (reason := m.should_stop())), None)
+                stop = diverged or next((reason for m in monitors if (reason := m.should_stop())), None)
                 if _due(step, t.ckpt_interval, last) or stop:
-                    path = checkpoint.save(
-                        self.ckpt_root, step, model, optimizer,
-                        trainer_state={"rng": rng_state(), "monitors": {m.name: m.state_dict() for m in monitors}},
-                        meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
-                              "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
-                              "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size},
-                        keep_last=t.keep_last,
-                    )
+                    state = {"rng": rng_state(), "monitors": {m.name: m.state_dict() for m in monitors}}
+                    if guard is not None:
+                        state["nonfinite"] = guard.state_dict()
+                    try:
+                        path = checkpoint.save(
+                            self.ckpt_root, step, model, optimizer, trainer_state=state,
+                            meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
+                                  "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
+                                  "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size},
+                            keep_last=t.keep_last,
+                        )
+                    except checkpoint.DiskFullError as err:
+                        raise RunStopped(f"stopped at step {step}: {err}") from None
                     summary["checkpoint"] = str(path)
+                if diverged:
+                    raise RunStopped(f"stopped at step {step}: {diverged}; saved as {path}")
                 if stop:
                     log.warning("stopping at step %d: %s", step, stop)
                     summary["stopped"] = stop
                     break
+        except BaseException:
+            sink.finish(exit_code=1)  # W&B marks the run failed now instead of in its interpreter-exit hook
+            raise
         finally:
             for m in monitors:
                 m.on_train_end()
-        bar.close()
+            bar.close()
+            batches = loader = None  # the only references: DataLoader workers shut down now, on errors too
         sink.finish()
         summary["metrics"] = str(sink.path)
         return summary

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from monitoring.callback import Callback, StepResult, Table, TrainContext, every
+from monitoring.sink import rewind_jsonl
 from monitoring.skip_step import StepUndo
 
 EVENT_COLUMNS = ["step", "loss", "grad_norm", "loss_z", "grad_norm_z", "signal", "skipped", "sample_indices"]
@@ -97,9 +98,7 @@ class SpikeMonitor(Callback):
         if self._state is not None:
             self._restore(self._state)
         self.path.touch()  # the event log exists even when nothing spiked
-        # a resume rewinds the event log to the checkpoint, like metrics.jsonl
-        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= ctx.start_step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        rewind_jsonl(self.path, ctx.start_step)  # a resume rewinds the event log to the checkpoint, like metrics.jsonl
 
     def on_before_optimizer_step(self, step: int) -> dict:
         if self.undo is not None and self.detector.seen >= self.warmup:
