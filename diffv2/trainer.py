@@ -170,6 +170,7 @@ class Trainer:
                 metrics = {k: v for m in monitors for k, v in m.on_before_optimizer_step(step + 1).items()}
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
                 optimizer.step()
+                model.update_expert_bias()  # MoE aux-loss-free balancing acts between steps, outside autograd
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
