@@ -330,7 +330,8 @@ def test_train_moe_tiny_end_to_end(tmp_path):
     cmd = [sys.executable, "train.py", "model=moe_tiny", f"hydra.run.dir={run_dir}",
            f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=64", "trainer.micro_batch_size=4",
            "trainer.global_batch_size=4", "trainer.max_steps=6", "trainer.log_interval=1", "logging.progress=false",
-           "data.num_workers=0", "monitoring.moe.interval=2", "optim.warmup_steps=2"]
+           "data.num_workers=0", "monitoring.moe.interval=2", "optim.warmup_steps=2",
+           "model.moe.balance=aux_free"]  # also exercises the trainer's bias update after optimizer.step
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -338,6 +339,8 @@ def test_train_moe_tiny_end_to_end(tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert any(k.startswith("moe/imbalance/") for r in rows for k in r)
     assert any("moe/tokens_per_expert" in r for r in rows)
+    biases = [r["moe/expert_bias"] for r in rows if "moe/expert_bias" in r]
+    assert biases and any(b != 0 for b in biases[-1][0])  # 5 updates had moved layer 0's bias by the last read
 
 
 def test_checkpoint_model_config_round_trips_moe():
