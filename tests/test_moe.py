@@ -213,6 +213,10 @@ def test_moe_block_gradcheck_fp64():
 
 # --- expert parallelism ------------------------------------------------------------------------------------------
 
+EP_CASES = [dict(n_shared_experts=1, aux_loss_coef=0.1, z_loss_coef=0.01),
+            dict(router="sigmoid", balance="aux_free", capacity_factor=1.0, z_loss_coef=0.01)]
+
+
 def _ep_worker(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -220,28 +224,35 @@ def _ep_worker(rank: int, world: int, port: int) -> None:
     try:
         from diffv2.parallel.expert import apply_expert_parallel
 
-        full = make_moe(n_experts=4, top_k=2, n_shared_experts=1, aux_loss_coef=0.1, z_loss_coef=0.01)
-        sharded = copy.deepcopy(full)
-        apply_expert_parallel(sharded, dist.group.WORLD)
-        torch.manual_seed(100 + rank)  # every rank routes different tokens
-        x_BNM = torch.randn(2, 7, M)
-        grad_BNM = torch.randn(2, 7, M)
-        outs = []
-        for moe in (full, sharded):
-            x = x_BNM.clone().requires_grad_()
-            y = moe(x)
-            ((y * grad_BNM).sum() + moe.router_loss).backward()
-            outs.append((y.detach(), x.grad))
-        torch.testing.assert_close(outs[1][0], outs[0][0])
-        torch.testing.assert_close(outs[1][1], outs[0][1])
-        torch.testing.assert_close(sharded.router.weight.grad, full.router.weight.grad)
-        for name in ("w1", "w2", "w3"):
-            g = getattr(full.experts, name).grad.clone()
-            dist.all_reduce(g)  # EP=1 reference: each expert's gradient summed over the ranks' tokens
-            torch.testing.assert_close(getattr(sharded.experts, name).grad, g[2 * rank:2 * rank + 2])
-        assert sharded.experts.w1.shape[0] == 2
+        for case in EP_CASES:
+            full = make_moe(n_experts=4, top_k=2, **case)
+            full.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.0, 0.2]))
+            sharded = copy.deepcopy(full)
+            apply_expert_parallel(sharded, dist.group.WORLD)
+            _check_ep_matches_ep1(rank, full, sharded)
     finally:
         dist.destroy_process_group()
+
+
+def _check_ep_matches_ep1(rank: int, full: MoE, sharded: MoE) -> None:
+    torch.manual_seed(100 + rank)  # every rank routes different tokens
+    x_BNM, grad_BNM = torch.randn(2, 7, M), torch.randn(2, 7, M)
+    outs = []
+    for moe in (full, sharded):
+        x = x_BNM.clone().requires_grad_()
+        y = moe(x)
+        ((y * grad_BNM).sum() + moe.router_loss).backward()
+        outs.append((y.detach(), x.grad))
+        moe.update_expert_bias()  # all-reduced loads: every rank and both layouts move the bias alike
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+    torch.testing.assert_close(sharded.router.weight.grad, full.router.weight.grad)
+    torch.testing.assert_close(sharded.expert_bias, full.expert_bias)
+    for name in ("w1", "w2", "w3"):
+        g = getattr(full.experts, name).grad.clone()
+        dist.all_reduce(g)  # EP=1 reference: each expert's gradient summed over the ranks' tokens
+        torch.testing.assert_close(getattr(sharded.experts, name).grad, g[2 * rank:2 * rank + 2])
+    assert sharded.experts.w1.shape[0] == 2
 
 
 def _free_port() -> int:
