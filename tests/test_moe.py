@@ -364,3 +364,22 @@ def test_checkpoint_model_config_round_trips_moe():
     dense = asdict(compose_cfg().model)
     dense.pop("moe")  # meta.json written before MoE support
     assert model_config(dense).moe.n_experts == 0
+
+
+def test_dense_checkpoints_from_before_moe_support_still_resume():
+    from dataclasses import asdict
+
+    from diffv2.trainer import Trainer
+
+    def check(cfg: Config, saved_model: dict) -> None:
+        trainer = Trainer.__new__(Trainer)  # only the compatibility check, no run directory
+        trainer.cfg, trainer.resume_from = cfg, "ckpt"
+        meta = {"model": saved_model, "seq_len": cfg.data.seq_len, "seed": cfg.seed,
+                "train_samples": cfg.trainer.max_steps * cfg.trainer.global_batch_size}
+        trainer._check_compatible(meta)
+
+    dense = compose_cfg()
+    old_meta = {k: v for k, v in asdict(dense.model).items() if k != "moe"}
+    check(dense, old_meta)
+    with pytest.raises(ValueError, match="moe"):
+        check(compose_cfg("model.moe.n_experts=4"), old_meta)
