@@ -28,6 +28,7 @@ from diffv2.kernels import causal_attention  # noqa: E402
 from diffv2.model import Transformer  # noqa: E402
 from diffv2.rope import RotaryEmbedding  # noqa: E402
 from tests import reference as ref  # noqa: E402
+from tests.builders import make_attention, model_cfg  # noqa: E402
 from tests.reference import assert_rel_close, init_sharp_, weights  # noqa: E402
 
 # Spec §8 suggested grid (B, N, D, h, h_kv, d); odd N exercises tiling edges.
@@ -40,26 +41,7 @@ grid_gqa = pytest.mark.parametrize("B,N,D,h,h_kv,d", GRID_GQA, ids=[i for g, i i
 THETA = 10000.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Small tensors: one intra-op thread. On the 2-core CI box, OpenMP's spinning workers slow this file ~8x as soon
-    as another process takes a core; restored afterwards so other test files keep their setting."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # ------------------------------------------------------------------------------------------------------- helpers
-def model_cfg(D, h, h_kv, d, max_seq_len=512, **attn) -> ModelConfig:
-    return ModelConfig(d_model=D, n_heads=h, n_kv_heads=h_kv, head_dim=d, max_seq_len=max_seq_len,
-                       attention=AttentionConfig(**attn))
-
-
-def make_attention(D, h, h_kv, d, seed=0, dtype=torch.float32, layer_idx=0, backend="math", **attn) -> Attention:
-    torch.manual_seed(seed)
-    return init_sharp_(Attention(model_cfg(D, h, h_kv, d, **attn), layer_idx, backend)).to(dtype)
-
 
 def reference_forward(m: Attention, x, dtype=torch.float64, W=None, **kw):
     a = m.cfg

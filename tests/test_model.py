@@ -24,29 +24,10 @@ from diffv2.kernels import causal_attention, doc_ids_from_tokens, resolve_backen
 from diffv2.loss import linear_cross_entropy  # noqa: E402
 from diffv2.model import Transformer, with_attention  # noqa: E402
 from tests import reference as ref  # noqa: E402
+from tests.builders import make_attention, model_cfg  # noqa: E402
 from tests.reference import assert_rel_close, init_sharp_, weights  # noqa: E402
 
 FLEX_WARNING = "ignore:flex_attention called without torch.compile"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    """Small tensors: one intra-op thread. On the 2-core CI box, OpenMP's spinning workers slow this file ~8x as soon
-    as another process takes a core; restored afterwards so other test files keep their setting."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def model_cfg(D, h, h_kv, d, max_seq_len=512, **attn) -> ModelConfig:
-    return ModelConfig(d_model=D, n_heads=h, n_kv_heads=h_kv, head_dim=d, max_seq_len=max_seq_len,
-                       attention=AttentionConfig(**attn))
-
-
-def make_attention(D, h, h_kv, d, seed=0, dtype=torch.float32, layer_idx=0, backend="math", **attn) -> Attention:
-    torch.manual_seed(seed)
-    return init_sharp_(Attention(model_cfg(D, h, h_kv, d, **attn), layer_idx, backend)).to(dtype)
 
 
 def reference_forward(m: Attention, x, W=None, **kw):
