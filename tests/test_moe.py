@@ -35,14 +35,6 @@ register_configs()
 M = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_cpu_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the CI box has 2 shared cores
-    yield
-    torch.set_num_threads(saved)
-
-
 def make_moe(dtype=torch.float32, seed: int = 0, **overrides) -> MoE:
     cfg = MoEConfig(**{"n_experts": 4, "top_k": 2, "expert_hidden": 8, "experts_impl": "loop", **overrides})
     torch.manual_seed(seed)
