@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -327,23 +328,31 @@ def test_moe_layers_fill_the_monitor_contract(tmp_path):
     assert {"moe/aux_loss/L00", "moe/z_loss/L03", "moe/dead_experts/L02"} <= set(metrics)
 
 
-def test_train_moe_tiny_end_to_end(tmp_path):
-    run_dir = tmp_path / "run"
+def _train_moe_tiny(run_dir: Path, cache: Path) -> list[dict]:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "train.py", "model=moe_tiny", f"hydra.run.dir={run_dir}",
-           f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=64", "trainer.micro_batch_size=4",
-           "trainer.global_batch_size=4", "trainer.max_steps=6", "trainer.log_interval=1", "logging.progress=false",
-           "data.num_workers=0", "monitoring.moe.interval=2", "optim.warmup_steps=2",
+    cmd = [sys.executable, "train.py", "model=moe_tiny", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}",
+           "data.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_size=4", "trainer.max_steps=6",
+           "trainer.log_interval=1", "logging.progress=false", "data.num_workers=0", "monitoring.moe.interval=2",
+           "optim.warmup_steps=2", "trainer.ckpt_interval=3", "trainer.eval_interval=-1",
            "model.moe.balance=aux_free"]  # also exercises the trainer's bias update after optimizer.step
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_moe_tiny_end_to_end_and_resume_exactly(tmp_path):
+    rows = _train_moe_tiny(tmp_path / "run", tmp_path / "cache")
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert any(k.startswith("moe/imbalance/") for r in rows for k in r)
     assert any("moe/tokens_per_expert" in r for r in rows)
     biases = [r["moe/expert_bias"] for r in rows if "moe/expert_bias" in r]
     assert biases and any(b != 0 for b in biases[-1][0])  # 5 updates had moved layer 0's bias by the last read
+    # Resume from step 3: the expert bias is a persistent buffer, so steps 4-6 repeat bit for bit.
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000006")
+    resumed = _train_moe_tiny(tmp_path / "resumed", tmp_path / "cache")
+    assert [r["train/loss"] for r in resumed if "train/loss" in r] == losses
 
 
 def test_checkpoint_model_config_round_trips_moe():
