@@ -61,7 +61,10 @@ class ExpertParallelDispatch:
 
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """Keep this rank's contiguous block of experts in every MoE layer; route tokens across `group`."""
+    """Keep this rank's contiguous block of experts in every MoE layer; route tokens across `group`.
+
+    Call it before building the optimizer: the expert parameters are replaced by their shards.
+    """
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         if moe.n_experts % ep:
