@@ -14,6 +14,9 @@ PAIRINGS = ("interleave", "half_split")
 LAMBDA_MODES = ("sigmoid", "none", "raw")
 BACKENDS = ("auto", "flash_attn", "cudnn", "sdpa_flash", "flex", "math")
 ROPE_STYLES = ("interleaved", "half")
+MOE_ROUTERS = ("softmax", "sigmoid")
+MOE_BALANCE = ("aux_loss", "aux_free", "none")
+MOE_EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 
 @dataclass
@@ -28,6 +31,21 @@ class AttentionConfig:
     qk_norm: bool = False  # per-head RMSNorm over head_dim on q and k before RoPE (Qwen3 style)
     rope_style: str = "interleaved"  # interleaved (GPT-J, reference) | half (NeoX)
     rope_theta: float = 10000.0  # RoPE base
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 0  # routed experts E per block (0 = dense: every block is a SwiGLU of model.ffn_hidden)
+    top_k: int = 2  # experts each token is routed to
+    expert_hidden: int = 256  # SwiGLU intermediate size of each (fine-grained) expert
+    n_shared_experts: int = 0  # always-on experts of expert_hidden each, run on every token beside the routed ones
+    router: str = "softmax"  # softmax over experts, top-k, renormalised (Qwen3) | sigmoid scores, top-k, renormalised
+    capacity_factor: float = 0.0  # 0 = dropless; else an expert takes at most ceil(cf * tokens * top_k / E) tokens
+    balance: str = "aux_loss"  # aux_loss (global-batch balance loss) | aux_free (expert bias, arXiv 2408.15664) | none
+    aux_loss_coef: float = 1e-3  # weight of the load-balance loss E * sum_e f_e * P_e (balance=aux_loss)
+    z_loss_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(router logits)^2); 0 = logged, not trained
+    bias_update_rate: float = 1e-3  # aux_free: bias += rate * sign(mean load - load) after every optimizer step
+    experts_impl: str = "auto"  # auto (grouped GEMM on GPU, per-expert loop on CPU) | grouped_mm | loop
 
 
 @dataclass
@@ -49,6 +67,7 @@ class ModelConfig:
     param_match: bool = False  # diffv2: shrink ffn_hidden so non-embedding params match the h-head baseline (spec A2)
     ce_chunk: int = 8192  # tokens per chunk of the fused lm_head + cross-entropy (never full fp32 logits)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts blocks (n_experts > 0) instead of SwiGLU
 
 
 @dataclass
@@ -284,9 +303,31 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError(
             f"data.weights has {len(cfg.data.weights)} entries but data.prefixes has {len(cfg.data.prefixes)}"
         )
+    validate_moe(m)
     validate_monitoring(cfg.monitoring)
     if t.resume not in ("auto", "none") and not t.resume:
         raise ValueError("trainer.resume must be auto, none or a checkpoint path")
+
+
+def validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    _positive("model.moe.n_experts", e.n_experts, allow_zero=True)
+    if e.n_experts == 0:
+        return
+    _choice("model.moe.router", e.router, MOE_ROUTERS)
+    _choice("model.moe.balance", e.balance, MOE_BALANCE)
+    _choice("model.moe.experts_impl", e.experts_impl, MOE_EXPERT_IMPLS)
+    if not 1 <= e.top_k <= e.n_experts:
+        raise ValueError(f"model.moe.top_k={e.top_k} must be in [1, model.moe.n_experts={e.n_experts}]")
+    _positive("model.moe.expert_hidden", e.expert_hidden)
+    for key in ("n_shared_experts", "capacity_factor", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        _positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
+    if e.balance == "aux_free" and e.bias_update_rate == 0:
+        raise ValueError("model.moe.bias_update_rate=0 never moves the expert bias; set it > 0 (e.g. 1e-3) for "
+                         "model.moe.balance=aux_free")
+    if m.param_match:
+        raise ValueError("model.param_match=true resizes the dense ffn_hidden, which MoE blocks do not use; "
+                         "set model.param_match=false with model.moe.n_experts > 0")
 
 
 def validate_monitoring(mon: MonitoringConfig) -> None:

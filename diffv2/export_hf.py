@@ -58,6 +58,9 @@ def write_hf(model: Transformer, tokenizer: str, out: Path, dtype: torch.dtype =
 
     from data.tokenizer import load_tokenizer
 
+    if model.cfg.moe.n_experts:  # the shipped modeling file has dense SwiGLU blocks only
+        raise ValueError(f"HF export of MoE models (model.moe.n_experts={model.cfg.moe.n_experts}) is not implemented; "
+                         f"export a dense model")
     tok = load_tokenizer(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     # Tied embeddings leave lm_head out of the state dict: the modeling file reads embed.weight for both.

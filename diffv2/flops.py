@@ -1,6 +1,8 @@
 """Parameter and FLOP accounting (spec §5), the one source for tests, presets and MFU logging.
 
 Convention: 1 multiply-add = 2 FLOPs; training = 3x forward; causal attention averages (N+1)/2 keys per query.
+MoE: `total` counts every expert, `active` the parameters one token uses (router, top_k routed and the shared
+experts, attention, embeddings); FLOPs, hence MFU, follow the active ones.
 """
 
 from __future__ import annotations
@@ -27,7 +29,19 @@ def attention_params(cfg: ModelConfig) -> int:
 
 
 def mlp_params(cfg: ModelConfig) -> int:
-    return 3 * cfg.d_model * cfg.ffn_hidden
+    """Per-layer FFN parameters: dense SwiGLU, or router + every routed expert + the shared experts."""
+    e = cfg.moe
+    if e.n_experts == 0:
+        return 3 * cfg.d_model * cfg.ffn_hidden
+    return cfg.d_model * e.n_experts + 3 * cfg.d_model * e.expert_hidden * (e.n_experts + e.n_shared_experts)
+
+
+def active_mlp_params(cfg: ModelConfig) -> int:
+    """Per-layer FFN parameters one token passes through (router, top_k routed experts, shared experts)."""
+    e = cfg.moe
+    if e.n_experts == 0:
+        return mlp_params(cfg)
+    return cfg.d_model * e.n_experts + 3 * cfg.d_model * e.expert_hidden * (e.top_k + e.n_shared_experts)
 
 
 def matched_ffn_hidden(cfg: ModelConfig, multiple: int = 8) -> int:
@@ -49,14 +63,15 @@ def effective_config(cfg: ModelConfig) -> ModelConfig:
 @dataclass(frozen=True)
 class Counts:
     total: int
+    active: int  # parameters one token uses (= total for dense models)
     embedding: int  # token embedding + untied lm_head
     non_embedding: int
     attention: int  # all layers
     flops_per_token: float  # training (fwd + bwd) FLOPs per token at seq_len
 
     def table(self) -> str:
-        return (f"params total {self.total:,} | non-embedding {self.non_embedding:,} | attention {self.attention:,} "
-                f"| train GFLOP/token {self.flops_per_token / 1e9:.3f}")
+        return (f"params total {self.total:,} | active {self.active:,} | non-embedding {self.non_embedding:,} "
+                f"| attention {self.attention:,} | train GFLOP/token {self.flops_per_token / 1e9:.3f}")
 
 
 def attention_core_flops(cfg: ModelConfig, seq_len: int) -> float:
@@ -75,12 +90,13 @@ def count(cfg: ModelConfig, seq_len: int) -> Counts:
     per_layer = attn + mlp_params(cfg) + 2 * m  # + two RMSNorm weights
     embedding = v * m * (1 if cfg.tie_embeddings else 2)
     non_embedding = L * per_layer + m  # + final norm
-    matmul_params = L * (attn + mlp_params(cfg)) + v * m  # lm_head is a matmul, the embedding lookup is not
+    matmul_params = L * (attn + active_mlp_params(cfg)) + v * m  # lm_head is a matmul, the embedding lookup is not
     forward = 2 * matmul_params + L * attention_core_flops(cfg, seq_len)
     if cfg.attention.variant == "diffv2":
         forward += L * 2 * cfg.n_heads * cfg.head_dim  # the multiply-subtract, negligible (spec §5.3)
     total = non_embedding + (v * m if cfg.tie_embeddings else 2 * v * m)
-    return Counts(total=total, embedding=embedding, non_embedding=non_embedding, attention=L * attn,
+    active = total - L * (mlp_params(cfg) - active_mlp_params(cfg))
+    return Counts(total=total, active=active, embedding=embedding, non_embedding=non_embedding, attention=L * attn,
                   flops_per_token=3 * forward)
 
 

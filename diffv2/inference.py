@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from diffv2 import checkpoint
-from diffv2.config import AttentionConfig, ModelConfig
+from diffv2.config import AttentionConfig, ModelConfig, MoEConfig
 from diffv2.kernels import resolve_backend
 from diffv2.model import Transformer
 
@@ -30,10 +30,12 @@ def model_config(saved: dict) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(saved) - fields) + sorted(f"attention.{k}" for k in set(saved.get("attention", {})) -
                                                    {f.name for f in dataclasses.fields(AttentionConfig)})
+    unknown += sorted(f"moe.{k}" for k in set(saved.get("moe", {})) - {f.name for f in dataclasses.fields(MoEConfig)})
     if unknown:
         raise ValueError(f"checkpoint model config has keys this code does not know ({', '.join(unknown)}); "
                          f"use the code version that wrote it (RUN/git.json)")
-    return ModelConfig(**{**saved, "attention": AttentionConfig(**saved["attention"])})
+    moe = MoEConfig(**saved.get("moe", {}))  # checkpoints from before MoE support are dense
+    return ModelConfig(**{**saved, "attention": AttentionConfig(**saved["attention"]), "moe": moe})
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,6 +1,8 @@
 """Pre-norm decoder-only Transformer; the attention variant is one config switch (spec A14: every layer).
 
 Legend: B batch, N sequence, M d_model, V vocab, F ffn hidden.
+With model.moe.n_experts > 0 every block's FFN is a mixture of experts (diffv2/moe.py) and `loss` adds the
+router losses (load balance, z-loss) to the loss that is backpropagated; the returned ce stays pure.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from diffv2.attention import Attention, RMSNorm
 from diffv2.config import ModelConfig
 from diffv2.loss import linear_cross_entropy
+from diffv2.moe import MoE
 
 if TYPE_CHECKING:
     from diffv2.kv_cache import KVCache
@@ -38,7 +41,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, layer_idx, backend)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        moe = cfg.moe.n_experts > 0
+        self.mlp = MoE(cfg.d_model, cfg.moe, layer_idx) if moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -76,10 +80,19 @@ class Transformer(nn.Module):
                     nn.init.normal_(p, std=0.1)  # DIFF V1 reference init (spec §3)
                 else:
                     nn.init.ones_(p)  # norm weights
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
                 nn.init.normal_(p, std=out_std)
             else:
                 nn.init.normal_(p, std=std)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """After each optimizer step: aux-loss-free balancing moves the expert biases (no-op otherwise)."""
+        for moe in self.moe_layers():
+            moe.update_expert_bias()
 
     def hidden(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
                cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -100,11 +113,14 @@ class Transformer(nn.Module):
         return F.linear(self.hidden(tokens_BN, doc_ids_BN, cache), self.lm_head_weight)
 
     def loss(self, tokens_BN, labels_BN, doc_ids_BN=None):
-        """(loss incl. z-loss, cross-entropy, mean log(Z)^2); logits are never materialised in full."""
+        """(loss incl. z-loss and MoE router losses, cross-entropy, mean log(Z)^2); logits never materialised."""
         h_BNM = self.hidden(tokens_BN, doc_ids_BN)
-        return linear_cross_entropy(
+        loss, ce, z = linear_cross_entropy(
             h_BNM.flatten(0, 1), self.lm_head_weight, labels_BN.flatten(), self.cfg.ce_chunk, self.cfg.z_loss
         )
+        for moe in self.moe_layers():
+            loss = loss + moe.router_loss
+        return loss, ce, z
 
 
 def with_attention(cfg: ModelConfig, **overrides) -> ModelConfig:

@@ -90,7 +90,10 @@ class Trainer:
         return path
 
     def _check_compatible(self, meta: dict) -> None:
-        saved, now = meta["model"], asdict(self.cfg.model)
+        from diffv2.config import MoEConfig
+
+        # Checkpoints written before MoE support have no model.moe: they are dense.
+        saved, now = {"moe": asdict(MoEConfig()), **meta["model"]}, asdict(self.cfg.model)
         diff = [k for k in now if k not in ("attention", "name") and saved.get(k) != now[k]]
         diff += [f"attention.{k}" for k in now["attention"] if k != "backend" and saved["attention"].get(k) !=
                  now["attention"][k]]
@@ -134,6 +137,8 @@ class Trainer:
             for block in model.blocks:
                 block.compile()
         optimizer = build_optimizer(model, cfg.optim, self.device)
+        # MoE aux-loss-free balancing moves the expert biases after every step, outside autograd (no-op if dense).
+        optimizer.register_step_post_hook(lambda *_: model.update_expert_bias())
         counts = count(model.cfg, cfg.data.seq_len)
         log.info("model %s/%s: %s | attention backend %s", cfg.model.name, cfg.model.attention.variant,
                  counts.table(), backend)

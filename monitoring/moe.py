@@ -5,6 +5,7 @@ tensors it updates in every forward without host synchronisation:
 - `tokens_per_expert` (E,): tokens routed to each expert, *added up* over forwards; this monitor reads it every
   `interval` steps and zeroes it in place, so each reading covers the steps since the last one;
 - `aux_loss`, `z_loss` (0-d, optional): the load-balancing and router z losses of the last forward;
+- `expert_bias` (E,) (optional): the aux-loss-free routing bias, logged as a layer x expert matrix;
 and optionally `layer_idx` (int; otherwise layers are numbered in module order). Imbalance = max/mean of tokens
 per expert (OLMo-core's convention); a dead expert received no token over the whole reading window.
 
@@ -32,7 +33,7 @@ class MoEMonitor(Callback):
     def on_before_optimizer_step(self, step: int) -> dict:
         if not self.layers or not every(step, self.interval, self.last):
             return {}
-        metrics, counts = {}, []
+        metrics, counts, biases = {}, [], []
         for layer, module in self.layers:
             stats, tag = module.moe_stats, f"L{layer:02d}"
             tokens_E = stats["tokens_per_expert"].detach().float()
@@ -42,7 +43,10 @@ class MoEMonitor(Callback):
             for key in ("aux_loss", "z_loss"):
                 if stats.get(key) is not None:
                     metrics[f"moe/{key}/{tag}"] = stats[key].detach().float()
+            if stats.get("expert_bias") is not None:
+                biases.append(stats["expert_bias"].detach().float().clone())
             stats["tokens_per_expert"].zero_()
-        if len({c.numel() for c in counts}) == 1:
-            metrics["moe/tokens_per_expert"] = torch.stack(counts)  # layer x expert
+        for key, rows in (("moe/tokens_per_expert", counts), ("moe/expert_bias", biases)):
+            if rows and len({r.numel() for r in rows}) == 1:
+                metrics[key] = torch.stack(rows)  # layer x expert
         return metrics

@@ -1,0 +1,1 @@
+"""Parallelism applied to a single-device model from outside (torchtitan style): one plan per file."""
