@@ -1,4 +1,4 @@
-"""Independent eager reference for the attention variants of the DIFF V2 spec (docs: /work/shared/spec/diffv2.md).
+"""Independent eager reference for the attention variants of the DIFF V2 spec (docs/spec.md).
 
 Nothing here imports `diffv2`: every formula is re-derived from the spec text, written out literally and
 evaluated in whatever dtype the inputs carry (the tests use fp64, or fp32 for the GPU suite), so that a

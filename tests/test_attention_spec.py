@@ -1,4 +1,4 @@
-"""Acceptance tests T1-T13 and T15-T17 of the DIFF V2 spec (/work/shared/spec/diffv2.md §8), CPU.
+"""Acceptance tests T1-T13 and T15-T17 of the DIFF V2 spec (docs/spec.md §8), CPU.
 
 Every numerical check compares `diffv2.attention.Attention` with the independent eager reference in
 tests/reference.py (explicit softmax, explicit causal mask, pair-by-pair formula of spec §2.3 with

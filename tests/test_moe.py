@@ -271,7 +271,7 @@ def test_30a3_preset_has_qwen3_30b_a3b_counts():
     c = count(cfg.model, 4096)
     assert c.total == pytest.approx(30.5e9, rel=0.01) and c.active == pytest.approx(3.3e9, rel=0.03)
     assert cfg.model.attention.qk_norm and cfg.model.attention.rope_theta == 1e6
-    assert c.flops_per_token == pytest.approx(23.0e9, rel=0.01)  # ../shared/anchors.md: 6 x 3.05B + attention
+    assert c.flops_per_token == pytest.approx(23.0e9, rel=0.01)  # published 30A3 figure: 6 x 3.05B active + attention
 
 
 @pytest.mark.parametrize("preset", ["moe_tiny", "moe_1gpu", "moe_30a3"])
