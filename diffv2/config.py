@@ -7,6 +7,7 @@ see before start-up into one ValueError line that names the key, the value and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 ATTENTION_VARIANTS = ("diffv2", "baseline", "diffv1")
@@ -118,6 +119,27 @@ class TrainerConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # ZeRO stage 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters)
+    offload_optimizer: bool = False  # keep optimizer state and step on the CPU (ZeRO-Offload)
+    config_file: str = ""  # a DeepSpeed JSON to use instead of the generated one (batch sizes must agree)
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "fsdp"  # fsdp (PyTorch FSDP2) | deepspeed (ZeRO); one process with tp=1 wraps nothing
+    data_parallel: str = "shard"  # fsdp: shard (FSDP) | hybrid (HSDP) | replicate (DDP semantics)
+    shard_group_size: int = 0  # hybrid: ranks per shard group (0 = GPUs per node)
+    tp: int = 1  # tensor-parallel degree (innermost mesh dimension; divides model.n_kv_heads)
+    reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (ZeRO-3) or keep them
+    activation_checkpoint: str = "none"  # none | full (every block) | selective (every `ac_every`-th block)
+    ac_every: int = 2  # selective: checkpoint blocks 0, k, 2k, ...
+    async_checkpoint: bool = False  # fsdp: write checkpoints in the background (finished before the next one)
+    timeout_s: int = 600  # a collective that waits longer (a dead or stalled rank) fails the run with an error
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
 class WandbConfig:
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     project: str = "diffv2"  # W&B project
@@ -220,6 +242,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
@@ -234,6 +257,7 @@ def register_configs() -> None:
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="logging", name="schema", node=LoggingConfig)
     cs.store(group="monitoring", name="schema", node=MonitoringConfig)
 
@@ -293,11 +317,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the RoPE table); "
             f"lower data.seq_len or raise model.max_seq_len"
         )
-    per_step = t.micro_batch_size * world_size
+    validate_parallel(cfg, world_size)
+    dp = world_size // cfg.parallel.tp
+    per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ValueError(
-            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x world_size = "
-            f"{t.micro_batch_size} x {world_size}; change one of them"
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x data-parallel "
+            f"ranks = {t.micro_batch_size} x {dp} (world size {world_size} / tp {cfg.parallel.tp}); change one of them"
         )
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.prefixes):
         raise ValueError(
@@ -307,6 +333,36 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     validate_monitoring(cfg.monitoring)
     if t.resume not in ("auto", "none") and not t.resume:
         raise ValueError("trainer.resume must be auto, none or a checkpoint path")
+
+
+def validate_parallel(cfg: Config, world_size: int) -> None:
+    p = cfg.parallel
+    _choice("parallel.engine", p.engine, ("fsdp", "deepspeed"))
+    _choice("parallel.data_parallel", p.data_parallel, ("shard", "hybrid", "replicate"))
+    _choice("parallel.activation_checkpoint", p.activation_checkpoint, ("none", "full", "selective"))
+    _positive("parallel.tp", p.tp)
+    _positive("parallel.ac_every", p.ac_every)
+    _positive("parallel.timeout_s", p.timeout_s)
+    _positive("parallel.shard_group_size", p.shard_group_size, allow_zero=True)
+    if world_size % p.tp:
+        raise ValueError(f"parallel.tp={p.tp} does not divide the world size {world_size}; launch a multiple of "
+                         f"{p.tp} processes or change parallel.tp")
+    if p.tp > 1:
+        if p.engine != "fsdp":
+            raise ValueError(f"parallel.tp={p.tp} needs parallel.engine=fsdp (DeepSpeed ZeRO here is data-parallel only)")
+        from diffv2.parallel.tensor import validate_tp
+
+        validate_tp(cfg.model, p.tp)
+    if p.data_parallel == "hybrid" and p.shard_group_size and (world_size // p.tp) % p.shard_group_size:
+        raise ValueError(f"parallel.shard_group_size={p.shard_group_size} does not divide the "
+                         f"{world_size // p.tp} data-parallel ranks; use a divisor (usually the GPUs per node)")
+    if p.engine == "deepspeed":
+        if p.deepspeed.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.deepspeed.zero_stage={p.deepspeed.zero_stage} must be 1, 2 or 3")
+        if p.deepspeed.config_file and not Path(p.deepspeed.config_file).is_file():
+            raise ValueError(f"parallel.deepspeed.config_file={p.deepspeed.config_file!r} does not exist")
+        if p.async_checkpoint:
+            raise ValueError("parallel.async_checkpoint applies to engine=fsdp (DCP); DeepSpeed saves synchronously")
 
 
 def validate_moe(m: ModelConfig) -> None:

@@ -1,0 +1,143 @@
+"""Process-group set-up from the launcher's environment: torchrun (or any env:// launcher) or SLURM `srun`.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT). Under `srun` with one task per GPU, SLURM sets
+SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the batch script exports MASTER_ADDR/MASTER_PORT (see launch/);
+this module copies them into the env:// variables so torch.distributed and DeepSpeed read one convention. A single
+process with neither is world size 1 and starts no process group.
+
+Collectives on host values (agreement on a checkpoint path, a stop signal) go through `control_group()`: a gloo
+group, so they never wait on the GPU stream.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+_CONTROL: Optional[Any] = None
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    launcher: str = "single"  # single | torchrun | slurm
+
+
+def _int(env: dict, key: str) -> int:
+    value = env[key]
+    if not value.isdigit():
+        raise ValueError(f"{key}={value!r} is not a non-negative integer (set by the launcher; unset it for one process)")
+    return int(value)
+
+
+def detect(env: Optional[dict] = None) -> DistEnv:
+    """The launcher's view of this process. SLURM counts only when it ran more than one task and exported a
+    rendezvous address (a single `python train.py` inside an allocation is one process)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+        found = DistEnv(rank, world, local, local_world, "torchrun" if world > 1 else "single")
+    elif "SLURM_PROCID" in env and env.get("SLURM_NTASKS", "1") != "1" and "MASTER_ADDR" in env:
+        world = _int(env, "SLURM_NTASKS")
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        local_world = int(tasks_per_node) if tasks_per_node.isdigit() else world // max(_int(
+            {"n": env.get("SLURM_NNODES", "1")}, "n"), 1)
+        found = DistEnv(_int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID"), local_world, "slurm")
+    else:
+        return DistEnv()
+    if not 0 <= found.rank < found.world_size or not 0 <= found.local_rank < max(found.local_world_size, 1):
+        raise ValueError(f"launcher environment is inconsistent: rank {found.rank} of {found.world_size}, local rank "
+                         f"{found.local_rank} of {found.local_world_size}")
+    if found.world_size > 1 and "MASTER_ADDR" not in env:
+        raise ValueError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun or the launch/ scripts")
+    return found
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init(found: DistEnv, device_type: str, timeout_s: float) -> torch.device:
+    """Start the default process group (NCCL on GPU, gloo on CPU) and return this process's device."""
+    global _CONTROL
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        if torch.cuda.device_count() <= found.local_rank:
+            raise ValueError(f"local rank {found.local_rank} needs GPU {found.local_rank} but only "
+                             f"{torch.cuda.device_count()} are visible; start one process per GPU")
+        device = torch.device("cuda", found.local_rank)
+        torch.cuda.set_device(device)
+    if found.world_size == 1 or dist.is_initialized():
+        return device
+    os.environ.update(RANK=str(found.rank), WORLD_SIZE=str(found.world_size), LOCAL_RANK=str(found.local_rank),
+                      LOCAL_WORLD_SIZE=str(found.local_world_size))
+    os.environ.setdefault("MASTER_PORT", "29500")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
+    _CONTROL = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+    log.info("process group up: rank %d of %d (%s, %s), timeout %ds", found.rank, found.world_size, found.launcher,
+             backend, timeout_s)
+    return device
+
+
+def control_group():
+    """A gloo group for host-side agreement (None when there is no process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return _CONTROL if _CONTROL is not None else dist.group.WORLD
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (identity without a process group)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=control_group())
+    return box[0]
+
+
+def all_ok(ok: bool) -> bool:
+    """True only if every rank says ok: every rank then takes the same branch after a local failure."""
+    if world_size() == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group())
+    return flag.item() == 0
+
+
+def all_sum(value: float) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=control_group())
+    return t.item()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier(group=control_group())
+
+
+def shutdown() -> None:
+    global _CONTROL
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTROL = None

@@ -1,0 +1,189 @@
+"""Distributed engines behind one small interface: the training loop calls only what `Engine` defines.
+
+    engine = build_engine(cfg, model, device)        # wraps the model, builds the optimizer
+    loss = engine.model.loss(x, y, doc_ids)[0]        # the wrapped model keeps Transformer's methods
+    engine.backward(loss / accum, last_micro)         # gradient accumulation: sync on the last micro-batch
+    grad_norm = engine.optimizer_step(max_norm)       # clip + step; the global pre-clip norm, a device scalar
+    engine.zero_grad()
+    engine.save(directory) / engine.load(directory)   # collective; model + optimizer shards (checkpoint.py adds
+                                                      # the manifest, the atomic rename and the trainer state)
+
+`fsdp` (this module): PyTorch FSDP2 `fully_shard` per block and at the root. `parallel.data_parallel` picks the
+layout of the data-parallel ranks on the device mesh: `shard` (one group, ZeRO-3-like), `hybrid` (HSDP: shard
+inside groups of `parallel.shard_group_size`, replicate across them) and `replicate` (DDP semantics: a mesh whose
+shard dimension has size 1). Tensor parallelism (`parallel.tp`) takes the innermost mesh dimension; its plans are
+in diffv2/parallel/tensor.py. Checkpoints are DCP: every rank writes its own shards, and a checkpoint loads onto
+any number of ranks (DCP reshards model and optimizer). `deepspeed`: diffv2/parallel/deepspeed_engine.py.
+
+One process with tp=1 wraps nothing: the engine is then the plain single-device loop, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from diffv2.optim import build_optimizer
+from diffv2.parallel import dist as pdist
+
+log = logging.getLogger(__name__)
+
+
+def _tensor_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
+
+
+class Engine:
+    """The loop's view of a (possibly distributed) model + optimizer."""
+
+    name = "single"
+    supports_undo = True  # NonFiniteGuard can snapshot and restore parameters and optimizer state in place
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int = 0, dp_size: int = 1):
+        self.model, self.optimizer = model, optimizer
+        self.dp_rank, self.dp_size = dp_rank, dp_size  # this rank's data shard, and how many shards there are
+        self.named_grads: Optional[Callable[[], Iterable[tuple[str, torch.Tensor]]]] = None  # None = param.grad
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        loss.backward()
+
+    def optimizer_step(self, max_norm: float) -> torch.Tensor:
+        norm = clip_grad_norm(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        """Bytes this rank will write for model + optimizer (a lower bound; formats add metadata)."""
+        return _tensor_bytes(get_state_dict(self.model, self.optimizer))
+
+    def save(self, directory: Path, async_ok: bool = False) -> None:
+        """Write this rank's model and optimizer shards into `directory` (collective)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        with warnings.catch_warnings():  # DCP warns that it runs without a process group on one device
+            warnings.simplefilter("ignore")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+
+    def wait(self) -> None:
+        """Block until an asynchronous save has finished writing (no-op for synchronous engines)."""
+
+    def load(self, directory: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def describe(self) -> str:
+        return "single device"
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global pre-clip L2 norm over every rank's gradients (plain, DDP-replicated or DTensor shards on any mesh),
+    then clip in place; no host synchronisation. A non-finite norm leaves gradients non-finite (the guard skips)."""
+    from monitoring.grad_norms import bucket_sum_squares, local_piece
+
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    device = params[0].grad.device
+    if pdist.world_size() == 1 and not any(hasattr(p.grad, "to_local") for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    pieces = [(t, w, (0,)) for t, w in (local_piece(p.grad) for p in params)]
+    norm = bucket_sum_squares(pieces, 1, device)[0].sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        torch._foreach_mul_(grads, coef)
+    return norm
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    def __init__(self, model: nn.Module, optimizer_builder, cfg, device: torch.device, param_dtype):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        p = cfg.parallel
+        world = pdist.world_size()
+        dp = world // p.tp
+        replicate, shard = _dp_layout(p.data_parallel, dp, p.shard_group_size)
+        mesh = init_device_mesh(device.type, (replicate, shard, p.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        self.mesh = mesh
+        if p.tp > 1:
+            from diffv2.parallel.tensor import apply_tensor_parallel
+
+            apply_tensor_parallel(model, mesh["tp"])
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if replicate > 1 else mesh["dp_shard"]  # 2-D = HSDP
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+        for method in ("loss", "hidden"):
+            register_fsdp_forward_method(model, method)
+        # Mesh ranks are row-major over (dp_replicate, dp_shard, tp): the ranks of one TP group read the same data.
+        super().__init__(model, optimizer_builder(model), pdist.rank() // p.tp, dp)
+        self.layout = f"{p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}"
+        self._pending = None
+
+    def save(self, directory: Path, async_ok: bool = False) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if async_ok:
+            self._pending = dcp.async_save(state, checkpoint_id=str(directory))
+        else:
+            dcp.save(state, checkpoint_id=str(directory))
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def describe(self) -> str:
+        return f"FSDP2 {self.layout}, {pdist.world_size()} ranks"
+
+
+def _dp_layout(mode: str, dp: int, group: int) -> tuple[int, int]:
+    """(replicate, shard) sizes of the data-parallel mesh."""
+    if mode == "shard":
+        return 1, dp
+    if mode == "replicate":
+        return dp, 1
+    group = group or torch.cuda.device_count() or 1  # hybrid: shard inside a node by default
+    if dp % group:
+        raise ValueError(f"parallel.shard_group_size={group} does not divide the {dp} data-parallel ranks; set "
+                         f"parallel.shard_group_size to a divisor (usually the GPUs per node)")
+    return dp // group, group
+
+
+def build_engine(cfg, model: nn.Module, device: torch.device, param_dtype=None) -> Engine:
+    """Wrap `model` (already on `device`) for cfg.parallel and build its optimizer; `param_dtype` is the compute
+    dtype FSDP casts parameters to (bf16 when training in bf16, else None = the stored fp32)."""
+    p = cfg.parallel
+    builder = lambda m: build_optimizer(m, cfg.optim, device)  # noqa: E731 - the optimizer must see wrapped params
+    if p.engine == "deepspeed":
+        from diffv2.parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, device)
+    if pdist.world_size() == 1 and p.tp == 1:
+        return Engine(model, builder(model))
+    return FSDPEngine(model, builder, cfg, device, param_dtype)
