@@ -5,7 +5,9 @@
     python train.py -m attention=diffv2,baseline seed=0,1,2
 
 Exit codes: 0 done; 2 refused at start-up (one `error:` line; an existing run directory is left as it was);
-3 stopped mid-run (non-finite steps, a full disk; the line says which checkpoint holds the last good state).
+3 stopped mid-run (non-finite steps, a full disk; the line says which checkpoint holds the last good state);
+4 another rank died or stalled (a collective timed out after parallel.timeout_s; trainer.resume=auto restarts
+from the last checkpoint). Under torchrun or srun each rank prints its own line, prefixed with its rank.
 """
 
 from __future__ import annotations
@@ -37,20 +39,23 @@ HYDRA_BOILERPLATE = ("full_key:", "reference_type=", "object_type=", "See https:
 def main(dcfg: DictConfig) -> dict:
     from diffv2.trainer import RunStopped, Trainer
 
+    from diffv2.parallel import dist as pdist
+
     try:
         cfg: Config = OmegaConf.to_object(dcfg)
-        validate(cfg, world_size=_world_size())
+        env = pdist.detect()
+        validate(cfg, world_size=env.world_size)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        summary = Trainer(cfg, run_dir, record_yaml=OmegaConf.to_yaml(dcfg, resolve=True)).run()
+        summary = Trainer(cfg, run_dir, record_yaml=OmegaConf.to_yaml(dcfg, resolve=True), env=env).run()
     except ValueError as e:  # user errors: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e}", 2)
     except OSError as e:
-        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e} (check the path, its permissions and the free space)", 2)
     except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        _fail(f"error: {e}", 3)
+    except pdist.TIMEOUT_ERRORS as e:
+        _fail(f"error: {pdist.explain_timeout(e)}", 4)
+    pdist.shutdown()
     log.info(
         "done: train loss %.4f, validation loss %.4f | run dir %s | checkpoint %s | metrics %s",
         summary.get("train/loss", float("nan")), summary.get("train/val_loss", float("nan")),
@@ -59,11 +64,18 @@ def main(dcfg: DictConfig) -> dict:
     return summary
 
 
-def _world_size() -> int:
-    value = os.environ.get("WORLD_SIZE", "1")
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"WORLD_SIZE={value!r} is not a positive integer (torchrun sets it; unset it for one process)")
-    return int(value)
+def _fail(message: str, code: int) -> None:
+    """One line on stderr and exit. With a process group up, the group is left to die with the process: a
+    clean shutdown would wait on the ranks that are still running."""
+    from diffv2.parallel import dist as pdist
+
+    if pdist.world_size() == 1:
+        print(message, file=sys.stderr)
+        sys.exit(code)
+    print(f"[rank {pdist.rank()}] {message}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def compose_error(overrides: list[str]) -> Optional[str]:

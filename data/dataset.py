@@ -83,6 +83,10 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset) // self.data_parallel_size
 
+    def global_view(self) -> "TokenDataset":
+        """All samples in the global order (probe batches that must be the same on every rank)."""
+        return TokenDataset(self.dataset)
+
     def __getitem__(self, i: int) -> torch.Tensor:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")

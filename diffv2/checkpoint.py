@@ -4,7 +4,8 @@ Layout: RUN/checkpoints/step_00000100/{.metadata, *.distcp, trainer.pt, meta.jso
 a hidden temporary directory and renamed into place only when complete, so a crash mid-save never touches the
 last good one; meta.json (written last) lists every file's size and sha256 so truncation or corruption is found.
 Temporary directories left by a killed save are removed by the next save; pruned checkpoints are renamed away
-before deletion, so no half-deleted checkpoint is ever listed. One writer per checkpoint root is assumed.
+before deletion, so no half-deleted checkpoint is ever listed. One job per checkpoint root is assumed; within it,
+every rank writes its own shards and rank 0 alone writes the manifest and renames.
 A save that cannot fit on the disk raises DiskFullError and leaves every existing checkpoint as it was.
 """
 
@@ -17,15 +18,13 @@ import logging
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from diffv2 import faults
+from diffv2.parallel import dist as pdist
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -55,16 +54,6 @@ class DiskFullError(OSError):
         self.errno = errno.ENOSPC
 
 
-def _tensor_bytes(state) -> int:
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(_tensor_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in state)
-    return 0
-
-
 def _is_disk_full(err: BaseException) -> bool:
     """ENOSPC/EDQUOT anywhere in the error, including DCP's per-rank CheckpointException failures."""
     seen, todo = set(), [err]
@@ -86,54 +75,136 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def save(ckpt_root: Path, step: int, model, optimizer, trainer_state: dict, meta: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep_last`."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_root.glob(".tmp_*"):  # left by a save or prune that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+_PENDING: dict = {}  # checkpoint root -> the finishing half of an asynchronous save
+
+
+def save(ckpt_root: Path, step: int, engine, trainer_state: dict, meta: dict, keep_last: int,
+         async_save: bool = False) -> Path:
+    """Write checkpoint `step` atomically and prune to the newest `keep_last`. Collective: every rank calls it.
+
+    `engine` (diffv2/parallel/engine.py) writes the model and optimizer shards of every rank into a temporary
+    directory; rank 0 adds trainer.pt and the manifest and renames it into place once every rank's files are
+    whole. `async_save`: the shards are copied to host memory now and written in the background; the manifest and
+    rename happen at the next save (or `finish_pending`), so until then the previous checkpoint is the newest.
+    """
+    finish_pending(ckpt_root)
+    rank0 = pdist.rank() == 0
     final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".tmp_step_{step:08d}_{os.getpid()}"
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    need = _tensor_bytes(model_sd) + _tensor_bytes(optim_sd)  # a lower bound: DCP adds metadata
-    if shutil.disk_usage(ckpt_root).free < need:
-        raise DiskFullError(_disk_full_message(ckpt_root, final, need, written=False))
+    tmp = ckpt_root / f".tmp_step_{step:08d}"
+    if rank0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".tmp_*"):  # left by a save or prune that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+    pdist.barrier()
+    need = int(pdist.all_sum(engine.state_bytes()))  # a lower bound: formats add metadata
     kept = list_checkpoints(ckpt_root)
     expected = max(need, sum(p.stat().st_size for p in kept[-1].iterdir())) if kept else need
+    if not pdist.all_ok(shutil.disk_usage(ckpt_root).free >= need):
+        raise DiskFullError(_disk_full_message(ckpt_root, final, need, written=False))
     try:
-        with warnings.catch_warnings():  # DCP warns that it runs without a process group on one device
-            warnings.simplefilter("ignore")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        faults.kill("ckpt_after_shards", step)
-        faults.disk_full(step, tmp)
-        torch.save(trainer_state, tmp / "trainer.pt")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        meta_tmp = tmp / "meta.json"
-        meta_tmp.write_text(json.dumps({**meta, "step": step, "files": files}, indent=1))
-        with open(meta_tmp, "rb") as f:
-            os.fsync(f.fileno())
-        faults.kill("ckpt_after_meta", step)
-        if final.exists():  # re-saving a step (e.g. after a resume) replaces it only once the new one is whole
-            shutil.rmtree(final)
-            faults.kill("ckpt_after_remove", step)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
+        ok = False
+        try:
+            engine.save(tmp, async_ok=async_save)
+            ok = True
+        finally:
+            if not pdist.all_ok(ok):  # a rank whose write failed: every rank leaves the same way
+                raise RuntimeError(f"checkpoint {final.name}: a rank failed to write its shards (see its log)")
+        args = (engine, ckpt_root, tmp, final, step, trainer_state, meta, expected, keep_last)
+        if async_save:
+            _PENDING[ckpt_root] = args
+            return final
+        _complete(*args)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        # A full disk does not always say ENOSPC (torch's zip writer reports a bad file position): compare the space
-        # left with what the previous checkpoint took.
-        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))  # DCP's CheckpointException is a BaseException
-        if not interrupted and (_is_disk_full(err) or shutil.disk_usage(ckpt_root).free < expected):
-            raise DiskFullError(_disk_full_message(ckpt_root, final, expected, written=True)) from err
+        _cleanup_after(err, ckpt_root, tmp, final, expected)
         raise
-    faults.kill("ckpt_after_rename", step)
-    for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
-        doomed = ckpt_root / f".tmp_prune_{old.name}"
-        os.rename(old, doomed)  # atomic: a killed prune leaves a temporary directory, never a half checkpoint
-        shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def finish_pending(ckpt_root: Path) -> None:
+    """Complete an asynchronous save into `ckpt_root` (waits for its background writes). Collective."""
+    args = _PENDING.pop(ckpt_root, None)
+    if args is None:
+        return
+    try:
+        _complete(*args)
+    except BaseException as err:
+        _cleanup_after(err, ckpt_root, args[2], args[3], args[7])
+        raise
+
+
+def _complete(engine, ckpt_root: Path, tmp: Path, final: Path, step: int, trainer_state: dict, meta: dict,
+              expected: int, keep_last: int) -> None:
+    engine.wait()
+    pdist.barrier()  # every rank's shards are on disk
+    faults.kill("ckpt_after_shards", step)
+    faults.disk_full(step, tmp)
+    error: Optional[BaseException] = None
+    try:  # each rank fsyncs and hashes a share of the files (every rank sees them all on a shared filesystem)
+        names = sorted(p.name for p in tmp.iterdir())
+        mine = {n: _file_record(tmp / n) for n in names[pdist.rank()::pdist.world_size()]}
+    except OSError as err:
+        error, mine = err, {}
+    files = _gather_dicts(mine)  # collective: reached by every rank, failed or not
+    if pdist.rank() == 0 and error is None:
+        try:
+            torch.save(trainer_state, tmp / "trainer.pt")
+            files["trainer.pt"] = _file_record(tmp / "trainer.pt")
+            _publish(ckpt_root, tmp, final, step, meta, dict(sorted(files.items())))
+        except BaseException as err:  # noqa: BLE001 - reported to every rank below, then raised
+            error = err
+    if not pdist.all_ok(error is None):  # every rank leaves the same way
+        raise error if error is not None else RuntimeError(f"checkpoint {final.name} failed on another rank")
+    faults.kill("ckpt_after_rename", step)
+    if pdist.rank() == 0:
+        for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+            doomed = ckpt_root / f".tmp_prune_{old.name}"
+            os.rename(old, doomed)  # atomic: a killed prune leaves a temporary directory, never a half checkpoint
+            shutil.rmtree(doomed, ignore_errors=True)
+    pdist.barrier()
+
+
+def _file_record(path: Path) -> dict:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _gather_dicts(mine: dict) -> dict:
+    if pdist.world_size() == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts = [None] * pdist.world_size()
+    dist.all_gather_object(parts, mine, group=pdist.control_group())
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _publish(ckpt_root: Path, tmp: Path, final: Path, step: int, meta: dict, files: dict) -> None:
+    """Rank 0: the manifest last, then the rename that makes the checkpoint visible."""
+    meta_tmp = tmp / "meta.json"
+    meta_tmp.write_text(json.dumps({**meta, "step": step, "world_size": pdist.world_size(), "files": files},
+                                   indent=1))
+    with open(meta_tmp, "rb") as f:
+        os.fsync(f.fileno())
+    faults.kill("ckpt_after_meta", step)
+    if final.exists():  # re-saving a step (e.g. after a resume) replaces it only once the new one is whole
+        shutil.rmtree(final)
+        faults.kill("ckpt_after_remove", step)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+
+
+def _cleanup_after(err: BaseException, ckpt_root: Path, tmp: Path, final: Path, expected: int) -> None:
+    """Remove a failed save's files; a full disk becomes DiskFullError (raised from `err`)."""
+    if pdist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # A full disk does not always say ENOSPC (torch's zip writer reports a bad file position): compare the space
+    # left with what the previous checkpoint took.
+    interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))  # DCP's CheckpointException is a BaseException
+    if isinstance(err, DiskFullError) or interrupted:
+        return
+    if _is_disk_full(err) or shutil.disk_usage(ckpt_root).free < expected:
+        raise DiskFullError(_disk_full_message(ckpt_root, final, expected, written=True)) from err
 
 
 def _disk_full_message(ckpt_root: Path, final: Path, need: int, written: bool) -> str:
@@ -186,12 +257,8 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def load(path: Path, model, optimizer) -> dict:
-    """Restore model and optimizer in place; returns the trainer state saved with them."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+def load(path: Path, engine) -> dict:
+    """Restore model and optimizer in place through the engine (collective); returns the trainer state saved
+    with them. DCP checkpoints load onto any number of ranks (resharded); trainer.pt holds no tensors of the model."""
+    engine.load(path)
     return torch.load(path / "trainer.pt", weights_only=True)

@@ -325,6 +325,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"trainer.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x data-parallel "
             f"ranks = {t.micro_batch_size} x {dp} (world size {world_size} / tp {cfg.parallel.tp}); change one of them"
         )
+    if (t.eval_batches * t.micro_batch_size) % dp:
+        raise ValueError(
+            f"validation reads trainer.eval_batches x micro_batch_size = {t.eval_batches} x {t.micro_batch_size} "
+            f"samples, which the {dp} data-parallel ranks cannot share evenly; make it a multiple of {dp}"
+        )
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.prefixes):
         raise ValueError(
             f"data.weights has {len(cfg.data.weights)} entries but data.prefixes has {len(cfg.data.prefixes)}"

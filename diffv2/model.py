@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffv2.attention import Attention, RMSNorm
 from diffv2.config import ModelConfig
@@ -63,6 +64,7 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Per-block outputs go here when set (activation monitoring); None costs nothing.
         self.block_observer = None
+        self.checkpointed: frozenset[int] = frozenset()  # blocks whose activations are recomputed in backward
         self.init_weights()
 
     @property
@@ -85,6 +87,12 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
+    def set_activation_checkpointing(self, mode: str, every: int = 2) -> None:
+        """none | full (every block) | selective (blocks 0, every, 2*every, ...): those blocks keep only their
+        input during training and recompute the rest in backward (torch.utils.checkpoint, non-reentrant)."""
+        n = len(self.blocks)
+        self.checkpointed = frozenset({"none": [], "full": range(n), "selective": range(0, n, every)}[mode])
+
     def moe_layers(self) -> list[MoE]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
 
@@ -99,8 +107,12 @@ class Transformer(nn.Module):
         """Final-norm hidden states; with a cache, tokens_BN are the next N tokens of every row and are appended."""
         assert cache is None or doc_ids_BN is None, "cached decoding masks left padding, not documents"
         x_BNM = self.embed(tokens_BN)
-        for block in self.blocks:
-            x_BNM = block(x_BNM, doc_ids_BN, cache)
+        recompute = self.training and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(self.blocks):
+            if recompute and i in self.checkpointed:
+                x_BNM = checkpoint(block, x_BNM, doc_ids_BN, use_reentrant=False)
+            else:
+                x_BNM = block(x_BNM, doc_ids_BN, cache)
             if self.block_observer is not None:
                 self.block_observer(block.attn.layer_idx, x_BNM)
         if cache is not None:

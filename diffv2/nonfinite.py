@@ -19,24 +19,34 @@ from monitoring.skip_step import StepUndo
 
 class NonFiniteGuard:
     def __init__(self, mode: str, max_bad_steps: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device):
+                 device: torch.device, undo: bool = True):
+        """`undo=False` (an engine whose optimizer state the undo cannot reach, e.g. DeepSpeed): detect and count
+        only; mode must then be stop, and the stop saves no checkpoint (the previous one holds the good state)."""
         self.mode = mode  # skip: stop after max_bad_steps in a row | stop: stop at the first
         self.limit = 1 if mode == "stop" else max_bad_steps
-        self.undo = StepUndo(model, optimizer)
+        assert undo or mode == "stop", "skipping a step needs the undo"
+        self.undo = StepUndo(model, optimizer) if undo else None
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.streak = torch.zeros_like(self.skipped)  # consecutive bad steps up to now
         self.longest = torch.zeros_like(self.skipped)  # longest streak since the last read
 
     def before_step(self) -> None:
-        self.undo.snapshot()
+        if self.undo is not None:
+            self.undo.snapshot()
 
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Undo the optimizer step just taken if the loss or grad norm is not finite; return that flag (0-d bool)."""
-        bad = self.undo.restore_if(~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.undo is not None:
+            bad = self.undo.restore_if(bad)
         self.skipped = self.skipped + bad
         self.streak = (self.streak + 1) * bad
         self.longest = torch.maximum(self.longest, self.streak)
         return bad
+
+    def poisoned(self) -> bool:
+        """Without the undo: did any step apply a non-finite update? (a host read; checkpoint steps only)"""
+        return bool(self.skipped.item() > 0)
 
     def metrics(self) -> dict:
         """Device values for this logging step; the next window's longest streak starts from the current one."""

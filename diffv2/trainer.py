@@ -1,7 +1,11 @@
-"""Single-machine training loop: config -> build (data, model, optimizer, sinks) -> loop.
+"""The training loop: config -> build (data, model, engine, sinks) -> loop, on one process or many.
 
-No host synchronisation inside a step except at log, eval and checkpoint steps. Failure behaviour (non-finite
-steps, a full disk, kills mid-save) is described in docs/reliability.md.
+The loop talks to the model and optimizer only through an `Engine` (diffv2/parallel/engine.py): a plain
+single-device one, FSDP2 (shard / hybrid / replicate, with tensor parallelism) or DeepSpeed ZeRO. Every rank runs
+the same loop; rank 0 alone writes the run record, metrics, progress and the checkpoint manifest. Host values that
+decide control flow (resume path, stop reasons) are agreed across ranks, so no rank waits on a collective another
+rank skipped. No host synchronisation inside a step except at log, eval and checkpoint steps. Failure behaviour
+(non-finite steps, a full disk, kills mid-save, a dead rank) is described in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from diffv2.flops import count
 from diffv2.kernels import doc_ids_from_tokens, resolve_backend
 from diffv2.model import Transformer
 from diffv2.nonfinite import NonFiniteGuard
-from diffv2.optim import build_optimizer, lr_at, set_lr
+from diffv2.optim import lr_at, set_lr
+from diffv2.parallel import dist as pdist
+from diffv2.parallel.engine import build_engine
 from diffv2.record import write_record
 from monitoring.build import build_monitors
 from monitoring.callback import StepResult, TrainContext, to_host
@@ -51,20 +57,31 @@ class RunStopped(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, record_yaml: Optional[str] = None):
-        """`record_yaml`: the resolved config, written with the run record once every start-up check has passed."""
+    def __init__(self, cfg: Config, run_dir: Path, record_yaml: Optional[str] = None,
+                 env: Optional[pdist.DistEnv] = None):
+        """`record_yaml`: the resolved config, written with the run record once every start-up check has passed.
+        `env`: the launcher's view of this process (default: read from the environment); with more than one
+        process the process group starts here (cheap), so ranks can agree on start-up decisions."""
         self.cfg, self.run_dir, self.record_yaml = cfg, run_dir, record_yaml
         t = cfg.trainer
         want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
             raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
-        self.device = torch.device("cuda" if want_cuda else "cpu")
+        self.env = env or pdist.detect()
+        self.device = pdist.init(self.env, "cuda" if want_cuda else "cpu", cfg.parallel.timeout_s)
+        self.rank0 = self.env.rank == 0
+        if not self.rank0:  # one console for the job: other ranks report warnings and errors only
+            logging.getLogger().setLevel(logging.WARNING)
+        self.dp_size = self.env.world_size // cfg.parallel.tp
+        self.dp_rank = self.env.rank // cfg.parallel.tp  # mesh order (dp_replicate, dp_shard, tp): tp innermost
         self.backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask)
         bf16 = t.precision == "bf16" or (t.precision == "auto" and want_cuda)
         self.autocast_dtype = torch.bfloat16 if bf16 else None
-        self.accum = t.global_batch_size // t.micro_batch_size
+        self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.ckpt_root = run_dir / "checkpoints"
-        self.resume_from = self._find_resume()  # before any expensive work: a bad path fails now
+        # Before any expensive work: a bad path fails now. Rank 0 reads the disk; every rank gets its answer.
+        found = _outcome(self._find_resume) if self.rank0 else None
+        self.resume_from = _unwrap(pdist.broadcast(found))
 
     def _find_resume(self) -> Optional[Path]:
         mode = self.cfg.trainer.resume
@@ -128,28 +145,38 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(tokenizer, cfg.model.vocab_size)
         train_ds, valid_ds = build_datasets(
-            cfg.data, cfg.seed, tokenizer,
-            num_samples={"train": t.max_steps * t.global_batch_size, "valid": t.eval_batches * t.micro_batch_size},
+            cfg.data, cfg.seed, tokenizer, self.dp_rank, self.dp_size,
+            num_samples={"train": t.max_steps * t.global_batch_size,
+                         "valid": t.eval_batches * t.micro_batch_size},
         )
         backend = self.backend
-        model = Transformer(cfg.model, backend).to(self.device)
+        model = Transformer(cfg.model, backend).to(self.device)  # same seed on every rank: identical init
+        model.set_activation_checkpointing(cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
         if t.compile:
             for block in model.blocks:
                 block.compile()
-        optimizer = build_optimizer(model, cfg.optim, self.device)
+        engine = build_engine(cfg, model, self.device, self.autocast_dtype)
+        model, optimizer = engine.model, engine.optimizer
+        if engine.supports_undo or t.nonfinite != "skip":
+            nonfinite = t.nonfinite
+        else:
+            nonfinite = "stop"
+            log.warning("trainer.nonfinite=skip needs a step undo, which %s cannot do; a non-finite step stops the "
+                        "run instead, keeping the last checkpoint as the good state", engine.name)
         # MoE aux-loss-free balancing moves the expert biases after every step, outside autograd (no-op if dense).
-        optimizer.register_step_post_hook(lambda *_: model.update_expert_bias())
-        counts = count(model.cfg, cfg.data.seq_len)
-        log.info("model %s/%s: %s | attention backend %s", cfg.model.name, cfg.model.attention.variant,
-                 counts.table(), backend)
+        optimizer.register_step_post_hook(lambda *_: _unwrapped(model).update_expert_bias())
+        counts = count(_unwrapped(model).cfg, cfg.data.seq_len)
+        log.info("model %s/%s: %s | attention backend %s | %s", cfg.model.name, cfg.model.attention.variant,
+                 counts.table(), backend, engine.describe())
 
         step, trainer_state = 0, {}
         if self.resume_from:
-            trainer_state = checkpoint.load(self.resume_from, model, optimizer)
+            trainer_state = checkpoint.load(self.resume_from, engine)
             step = meta["step"]
             log.info("resumed from %s at step %d", self.resume_from, step)
-        guard = None if t.nonfinite == "ignore" else NonFiniteGuard(t.nonfinite, t.max_bad_steps, model, optimizer,
-                                                                     self.device)
+        undo = engine.supports_undo and nonfinite != "ignore"
+        guard = None if nonfinite == "ignore" else NonFiniteGuard(nonfinite, t.max_bad_steps, model, optimizer,
+                                                                   self.device, undo=undo)
         if guard is not None and "nonfinite" in trainer_state:
             guard.load_state_dict(trainer_state["nonfinite"])
         if "rng" in trainer_state:
@@ -164,20 +191,24 @@ class Trainer:
         ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
                            flops_per_token=counts.flops_per_token, tokens_per_step=tokens_per_step, start_step=step,
                            autocast_dtype=self.autocast_dtype,
-                           probe_tokens=self._probe_batch(valid_ds) if monitors else None)
+                           probe_tokens=self._probe_batch(valid_ds) if monitors else None,
+                           named_grads=engine.named_grads)
         saved = trainer_state.get("monitors", {})
         for m in monitors:
             if m.name in saved:
                 m.load_state_dict(saved[m.name])
             m.on_train_start(ctx)
-        if self.record_yaml is not None:  # only now: a run refused at start-up leaves its directory as it was
+        if self.record_yaml is not None and self.rank0:  # only now: a run refused at start-up is left as it was
             write_record(self.run_dir, self.record_yaml)
         sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
-                          tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"])
+                          tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"],
+                          enabled=self.rank0)
         sink.truncate_after(step)
         summary = {"run_dir": str(self.run_dir)}
-        bar = tqdm(total=t.max_steps, initial=step, disable=not cfg.logging.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.max_steps, initial=step, disable=not (cfg.logging.progress and self.rank0), unit="step",
+                   dynamic_ncols=True)
         ce_sum, window_steps = torch.zeros((), device=self.device), 0
+        say = bar.write if self.rank0 else (lambda _: None)  # console lines once, from rank 0
 
         try:
             while step < t.max_steps:
@@ -187,22 +218,22 @@ class Trainer:
                     m.on_step_start(step + 1)
                 faults.kill("step", step + 1)
                 step_loss, data_time = torch.zeros((), device=self.device), 0.0
-                for _ in range(self.accum):
+                for micro in range(self.accum):
                     t0 = time.perf_counter()
                     tokens = next(batches).to(self.device, non_blocking=True)
                     data_time += time.perf_counter() - t0
                     loss, ce, _ = self._forward(model, tokens, eod)
                     loss, ce = faults.poison_loss(step + 1, loss, ce)
-                    (loss / self.accum).backward()
+                    engine.backward(loss / self.accum, last_micro=micro == self.accum - 1)
                     step_loss += ce.detach() / self.accum
+                step_loss = pdist.mean_over_ranks(step_loss, self.dp_size)  # async on GPU: no host wait
                 metrics = {k: v for m in monitors for k, v in m.on_before_optimizer_step(step + 1).items()}
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
                 faults.kill("backward", step + 1)
                 if guard is not None:
                     guard.before_step()
-                optimizer.step()
+                grad_norm = engine.optimizer_step(cfg.optim.grad_clip)
                 bad = guard.after_step(step_loss, grad_norm) if guard is not None else None
-                optimizer.zero_grad(set_to_none=True)
+                engine.zero_grad()
                 step += 1
                 bar.update(1)
                 result = StepResult(step, step_loss, grad_norm, lr, sample_index=(step - 1) * t.global_batch_size,
@@ -225,28 +256,35 @@ class Trainer:
                     sink.log(step, metrics)
                     if "train/loss" in metrics:
                         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
-                        bar.write(_format(step, metrics))
+                        say(_format(step, metrics))
                         summary["train/loss"] = metrics["train/loss"]
                 faults.kill("logged", step)
                 diverged = guard.stop_reason(metrics, step) if "train/nonfinite_streak" in metrics else None
                 if _due(step, t.eval_interval, last):
                     faults.kill("eval", step)
-                    val = self._evaluate(model, valid_ds, eod)
+                    val = pdist.mean_over_ranks(self._evaluate(model, valid_ds, eod), self.dp_size).item()
                     sink.log(step, {"train/val_loss": val})
-                    bar.write(f"step {step:>6} | validation loss {val:.4f}")
+                    say(f"step {step:>6} | validation loss {val:.4f}")
                     summary["train/val_loss"] = val
                 stop = diverged or next((reason for m in monitors if (reason := m.should_stop())), None)
-                if _due(step, t.ckpt_interval, last) or stop:
+                stop = pdist.agree_on(stop)
+                saving = _due(step, t.ckpt_interval, last) or stop
+                if saving and guard is not None and guard.undo is None and guard.poisoned():
+                    raise RunStopped(
+                        f"stopped at step {step}: a step had a non-finite loss or grad norm and the {engine.name} "
+                        f"engine cannot undo it, so nothing was saved; the newest checkpoint in {self.ckpt_root} holds "
+                        f"the last good state (lower optim.lr or check the data, then trainer.resume=auto)")
+                if saving:
                     state = {"rng": rng_state(), "monitors": {m.name: m.state_dict() for m in monitors}}
                     if guard is not None:
                         state["nonfinite"] = guard.state_dict()
                     try:
                         path = checkpoint.save(
-                            self.ckpt_root, step, model, optimizer, trainer_state=state,
+                            self.ckpt_root, step, engine, trainer_state=state,
                             meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
                                   "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
                                   "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size},
-                            keep_last=t.keep_last,
+                            keep_last=t.keep_last, async_save=cfg.parallel.async_checkpoint and not (last or stop),
                         )
                     except checkpoint.DiskFullError as err:
                         raise RunStopped(f"stopped at step {step}: {err}") from None
@@ -273,8 +311,9 @@ class Trainer:
         """The first monitoring.probe_sequences validation samples: one fixed batch for every probe, no RNG drawn."""
         if valid_ds is None:
             return None
-        n = min(self.cfg.monitoring.probe_sequences, len(valid_ds))
-        return torch.stack([valid_ds[i] for i in range(n)]).to(self.device)
+        everyone = valid_ds.global_view()  # the same probe on every rank, as in a one-process run
+        n = min(self.cfg.monitoring.probe_sequences, len(everyone))
+        return torch.stack([everyone[i] for i in range(n)]).to(self.device)
 
     def _forward(self, model, tokens_BN1, eod):
         x, y = tokens_BN1[:, :-1], tokens_BN1[:, 1:]
@@ -283,18 +322,45 @@ class Trainer:
             return model.loss(x, y, doc_ids)
 
     @torch.no_grad()
-    def _evaluate(self, model, valid_ds, eod) -> float:
+    def _evaluate(self, model, valid_ds, eod) -> torch.Tensor:
+        """Mean validation cross-entropy of this rank's share of the eval_batches x micro_batch_size samples (a
+        device scalar); the ranks' shares interleave, so their mean is the one-process value."""
         from data.dataset import make_loader
 
         model.eval()
-        loader = make_loader(valid_ds, self.cfg.trainer.micro_batch_size, start_sample=0, num_workers=0,
+        t = self.cfg.trainer
+        rows_left = t.eval_batches * t.micro_batch_size // self.dp_size
+        loader = make_loader(valid_ds, min(t.micro_batch_size, rows_left), start_sample=0, num_workers=0,
                              seed=self.cfg.seed)
-        total, n = torch.zeros((), device=self.device), 0
-        for tokens, _ in zip(loader, range(self.cfg.trainer.eval_batches)):
-            total += self._forward(model, tokens.to(self.device), eod)[1]
-            n += 1
+        total = torch.zeros((), device=self.device)
+        for tokens in loader:
+            tokens = tokens[:rows_left]
+            total += self._forward(model, tokens.to(self.device), eod)[1] * len(tokens)
+            rows_left -= len(tokens)
+            if rows_left == 0:
+                break
         model.train()
-        return total.item() / max(n, 1)
+        return total / (t.eval_batches * t.micro_batch_size // self.dp_size)
+
+
+def _outcome(fn):
+    """fn() as a picklable ("ok", value) or ("error", message) pair, so a ValueError can travel to every rank."""
+    try:
+        return "ok", fn()
+    except ValueError as e:
+        return "error", str(e)
+
+
+def _unwrap(outcome):
+    kind, value = outcome
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
+def _unwrapped(model):
+    """The Transformer inside an engine's wrapper (FSDP2 keeps the object itself; DeepSpeed holds it in .module)."""
+    return getattr(model, "module", model)
 
 
 def _restore_rng(state: dict) -> None:

@@ -123,6 +123,8 @@ class ProbeBatch:
                                       enabled=self.autocast_dtype is not None)
             with autocast, eager, self.hub.paused():
                 self.model.hidden(self.tokens_BN)
+            if hasattr(self.model, "reshard"):  # FSDP2 leaves a forward's gathered root parameters registered
+                self.model.reshard()  # until the next backward; put the sharded ones (holding the grads) back
         finally:
             for h in hooks:
                 h.remove()

@@ -41,11 +41,14 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 class MetricSink:
-    def __init__(self, run_dir: Path, cfg: WandbConfig, config_dict: dict, run_id: Optional[str], tags: list[str]):
+    def __init__(self, run_dir: Path, cfg: WandbConfig, config_dict: dict, run_id: Optional[str], tags: list[str],
+                 enabled: bool = True):
+        """`enabled=False` (every rank but 0 of a distributed run) writes nothing anywhere."""
         self.path = run_dir / "metrics.jsonl"
         self.run = None
+        self.enabled = enabled
         mode = resolve_wandb_mode(cfg.mode)
-        if mode != "disabled":
+        if mode != "disabled" and enabled:
             import wandb
 
             os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")
@@ -63,6 +66,8 @@ class MetricSink:
         return self.run.id if self.run is not None else None
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
@@ -86,7 +91,8 @@ class MetricSink:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so metrics.jsonl has one line per step."""
-        rewind_jsonl(self.path, step)
+        if self.enabled:
+            rewind_jsonl(self.path, step)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffv2 import checkpoint
+from diffv2.parallel.engine import Engine
 from diffv2.config import ModelConfig
 from diffv2.model import Transformer
 
@@ -28,7 +29,7 @@ def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def save(root: Path, step: int, model, opt, keep_last: int = 5) -> Path:
-    return checkpoint.save(root, step, model, opt, {"rng": {"torch": torch.get_rng_state()}}, {"note": "t"}, keep_last)
+    return checkpoint.save(root, step, Engine(model, opt), {"rng": {"torch": torch.get_rng_state()}}, {"note": "t"}, keep_last)
 
 
 def test_round_trip_restores_model_and_optimizer_exactly(tmp_path):
@@ -39,7 +40,7 @@ def test_round_trip_restores_model_and_optimizer_exactly(tmp_path):
     torch.manual_seed(1)
     fresh = Transformer(CFG)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    state = checkpoint.load(path, fresh, fresh_opt)
+    state = checkpoint.load(path, Engine(fresh, fresh_opt))
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     for a, b in zip(opt.state_dict()["state"].values(), fresh_opt.state_dict()["state"].values()):

@@ -23,6 +23,7 @@ import torch
 from cli_runs import (checkpoint_tensors, differing_tensors, error_line, side_by_side, train, train_killed_after,
                       trajectory)
 from diffv2 import checkpoint
+from diffv2.parallel.engine import Engine
 from diffv2.config import ModelConfig
 from diffv2.model import Transformer
 from monitoring.sink import rewind_jsonl
@@ -260,12 +261,12 @@ def test_real_full_disk_mid_write_is_reported_and_cleaned(small_disk):
     model.loss(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))[0].backward()
     optimizer.step()
     root = small_disk / "checkpoints"
-    good = checkpoint.save(root, 1, model, optimizer, {}, {}, keep_last=2)
+    good = checkpoint.save(root, 1, Engine(model, optimizer), {}, {}, keep_last=2)
     on_disk = sum(p.stat().st_size for p in good.iterdir())
     lower_bound = sum(p.numel() * p.element_size() for p in model.parameters()) * 3  # params + AdamW moments
     free = shutil.disk_usage(small_disk).free
     (small_disk / "filler").write_bytes(b"\0" * (free - (lower_bound + on_disk) // 2))  # between the two
     with pytest.raises(checkpoint.DiskFullError, match="no space left on device for checkpoint step_00000002") as err:
-        checkpoint.save(root, 2, model, optimizer, {}, {}, keep_last=2)
+        checkpoint.save(root, 2, Engine(model, optimizer), {}, {}, keep_last=2)
     assert err.value.errno == errno.ENOSPC and "its partial files were removed" in str(err.value)
     assert [p.name for p in root.iterdir()] == [good.name] and checkpoint.verify(good) is None

@@ -22,6 +22,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 _CONTROL: Optional[Any] = None
+_TIMEOUT_S: float = 0.0
+# What a collective raises when a peer died (connection closed) or stalled past the timeout.
+TIMEOUT_ERRORS = (dist.DistError,) if hasattr(dist, "DistError") else (RuntimeError,)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,13 @@ def detect(env: Optional[dict] = None) -> DistEnv:
     return found
 
 
+def explain_timeout(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return (f"rank {rank()}: a collective with the other ranks failed ({first}); another rank died or stalled "
+            f"longer than parallel.timeout_s={_TIMEOUT_S:g}s. Check the other ranks' logs, then relaunch: "
+            f"trainer.resume=auto continues from the last checkpoint")
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -75,7 +85,8 @@ def rank() -> int:
 
 def init(found: DistEnv, device_type: str, timeout_s: float) -> torch.device:
     """Start the default process group (NCCL on GPU, gloo on CPU) and return this process's device."""
-    global _CONTROL
+    global _CONTROL, _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     device = torch.device("cpu")
     if device_type == "cuda":
         if torch.cuda.device_count() <= found.local_rank:
@@ -129,6 +140,25 @@ def all_sum(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, group=control_group())
     return t.item()
+
+
+def mean_over_ranks(value: torch.Tensor, dp_size: int) -> torch.Tensor:
+    """Mean of a device scalar over the data-parallel ranks (tensor-parallel peers hold the same value, so the
+    world sum is divided by the world size). Queued on the device: no host wait."""
+    if world_size() == 1 or dp_size == 1 and world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world_size()
+
+
+def agree_on(reason: Optional[str]) -> Optional[str]:
+    """A stop reason any rank has, on every rank (the lowest rank's wording wins)."""
+    if world_size() == 1:
+        return reason
+    reasons = [None] * world_size()
+    dist.all_gather_object(reasons, reason, group=control_group())
+    return next((r for r in reasons if r), None)
 
 
 def barrier() -> None:

@@ -63,7 +63,9 @@ class Engine:
         loss.backward()
 
     def optimizer_step(self, max_norm: float) -> torch.Tensor:
-        norm = clip_grad_norm(self.model.parameters(), max_norm)
+        # The optimizer's own parameters: FSDP2 swaps a module's registered parameters for unsharded copies while
+        # it is gathered (e.g. after a no-grad probe forward), so model.parameters() can miss the sharded grads.
+        norm = clip_grad_norm((p for g in self.optimizer.param_groups for p in g["params"]), max_norm)
         self.optimizer.step()
         return norm
 
