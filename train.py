@@ -53,7 +53,9 @@ def main(dcfg: DictConfig) -> dict:
         _fail(f"error: {e} (check the path, its permissions and the free space)", 2)
     except RunStopped as e:
         _fail(f"error: {e}", 3)
-    except pdist.TIMEOUT_ERRORS as e:
+    except RuntimeError as e:
+        if not pdist.is_peer_failure(e):
+            raise
         _fail(f"error: {pdist.explain_timeout(e)}", 4)
     pdist.shutdown()
     log.info(

@@ -11,7 +11,9 @@ Kill points SIGKILL this process, as a lost node would, at optimizer step STEP (
   ckpt_after_meta    checkpoint STEP complete in its temporary directory, not yet renamed into place
   ckpt_after_remove  an older copy of checkpoint STEP deleted, the new one not yet renamed into place
   ckpt_after_rename  checkpoint STEP in place, older checkpoints not yet pruned
+  rank_kill          as `step`, but only on the rank named by DIFFV2_FAULT_RANK (a dead node in a multi-rank job)
 Other faults:
+  stall              the rank named by DIFFV2_FAULT_RANK stops responding before the forward pass of the step
   enospc             checkpoint STEP's writer raises OSError(ENOSPC) after its shards, as a full disk does
   nan_loss, inf_loss the loss of the step is multiplied by NaN / Inf (every micro-batch of it)
 """
@@ -21,12 +23,13 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 import torch
 
 KILL_POINTS = ("step", "backward", "logged", "eval", "ckpt_after_shards", "ckpt_after_meta", "ckpt_after_remove",
                "ckpt_after_rename")
-POINTS = KILL_POINTS + ("enospc", "nan_loss", "inf_loss")
+POINTS = KILL_POINTS + ("rank_kill", "stall", "enospc", "nan_loss", "inf_loss")
 
 
 def parse(spec: str) -> dict[str, set[int]]:
@@ -45,6 +48,19 @@ PLAN = parse(os.environ.get("DIFFV2_FAULT", ""))
 def kill(point: str, step: int) -> None:
     if step in PLAN.get(point, ()):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _this_rank() -> bool:
+    return os.environ.get("RANK", "0") == os.environ.get("DIFFV2_FAULT_RANK", "0")
+
+
+def rank_fault(step: int) -> None:
+    """A multi-rank job loses one rank at `step`: killed (rank_kill) or hung forever (stall)."""
+    if step in PLAN.get("rank_kill", ()) and _this_rank():
+        os.kill(os.getpid(), signal.SIGKILL)
+    if step in PLAN.get("stall", ()) and _this_rank():
+        while True:
+            time.sleep(3600)
 
 
 def disk_full(step: int, path: os.PathLike) -> None:

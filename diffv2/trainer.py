@@ -217,6 +217,7 @@ class Trainer:
                 for m in monitors:
                     m.on_step_start(step + 1)
                 faults.kill("step", step + 1)
+                faults.rank_fault(step + 1)
                 step_loss, data_time = torch.zeros((), device=self.device), 0.0
                 for micro in range(self.accum):
                     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -23,8 +24,9 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 _CONTROL: Optional[Any] = None
 _TIMEOUT_S: float = 0.0
-# What a collective raises when a peer died (connection closed) or stalled past the timeout.
-TIMEOUT_ERRORS = (dist.DistError,) if hasattr(dist, "DistError") else (RuntimeError,)
+# What a collective raises when a peer died (connection closed) or stalled past the timeout: torch's DistError
+# family, or (gloo on CPU) a RuntimeError from the transport.
+_PEER_LOST = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|gloo|nccl|socket", re.I)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,15 @@ def detect(env: Optional[dict] = None) -> DistEnv:
     if found.world_size > 1 and "MASTER_ADDR" not in env:
         raise ValueError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun or the launch/ scripts")
     return found
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Did a collective fail because another rank died or stalled? (only asked with a process group up)"""
+    if world_size() == 1:
+        return False
+    if hasattr(dist, "DistError") and isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and bool(_PEER_LOST.search(str(err)))
 
 
 def explain_timeout(err: BaseException) -> str:

@@ -1,0 +1,185 @@
+"""Multi-process training on CPU (gloo), through the real `torchrun` and `train.py`: the FSDP2 engine's layouts
+match a one-process run with the same global batch, checkpoints move between world sizes, activation
+checkpointing and async saves change nothing, a 2-node c10d rendezvous trains, and a dead or stalled rank ends the
+job with a clear error instead of a hang (issue: scale out; reliability point 5).
+
+Each run is a few steps of the tiny test model; runs are compared on what the loop logs (loss and grad norm per
+step, validation loss) to float tolerance: the ranks' reductions add in a different order than one process does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_runs import ENV, ROOT, TIMEOUT, error_line, side_by_side, train, trajectory, train_cmd
+from diffv2 import checkpoint
+
+STEPS = ["trainer.max_steps=6", "trainer.log_interval=1", "trainer.eval_interval=3", "trainer.ckpt_interval=3",
+         "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.eval_batches=2"]
+
+
+def torchrun(run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, fault: str = "", fault_rank: int = 0,
+             timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = train_cmd(run_dir, cache, *STEPS, *overrides)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK")}
+    if fault:
+        env.update(DIFFV2_FAULT=fault, DIFFV2_FAULT_RANK=str(fault_rank))
+    return subprocess.run(launcher + cmd[1:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def single(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return train(run_dir, cache, *STEPS, *overrides)
+
+
+def assert_same_training(a: Path, b: Path, rel: float = 2e-5) -> None:
+    ta, tb = trajectory(a), trajectory(b)
+    assert ta["train"].keys() == tb["train"].keys() and ta["val"].keys() == tb["val"].keys()
+    for step, (loss, norm) in ta["train"].items():
+        assert tb["train"][step][0] == pytest.approx(loss, rel=rel), f"loss at step {step}"
+        assert tb["train"][step][1] == pytest.approx(norm, rel=10 * rel), f"grad norm at step {step}"
+    for step, val in ta["val"].items():
+        assert tb["val"][step] == pytest.approx(val, rel=rel), f"validation loss at step {step}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, the same global batch (4 micro-batches of 2 per step)."""
+    root = tmp_path_factory.mktemp("dist")
+    cache = root / "cache"
+    proc = single(root / "one", cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "one", cache
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.data_parallel=shard"],
+    ["parallel.data_parallel=replicate", "parallel.activation_checkpoint=full"],
+    ["parallel.data_parallel=hybrid", "parallel.shard_group_size=1", "parallel.activation_checkpoint=selective"],
+], ids=["fsdp", "ddp+ac_full", "hsdp+ac_selective"])
+def test_two_ranks_train_like_one(reference, tmp_path, layout):
+    ref, cache = reference
+    proc = torchrun(tmp_path / "two", cache, *layout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(ref, tmp_path / "two")
+    out = proc.stdout + proc.stderr
+    assert out.count("step      6 | loss") == 1, "console lines come from rank 0 only"
+    assert checkpoint.read_meta(tmp_path / "two/checkpoints/step_00000006")["world_size"] == 2
+
+
+def test_checkpoints_move_between_world_sizes(reference, tmp_path):
+    """A 2-rank checkpoint resumes on 1 rank and a 1-rank one on 2 (DCP reshards model and optimizer); both
+    finish exactly where the uninterrupted run does."""
+    ref, cache = reference
+    first = torchrun(tmp_path / "a", cache, "trainer.max_steps=6", fault="rank_kill:5", fault_rank=1)
+    assert first.returncode != 0 and [p.name for p in checkpoint.list_checkpoints(tmp_path / "a/checkpoints")] == [
+        "step_00000003"]
+    proc = single(tmp_path / "a", cache)
+    assert proc.returncode == 0 and "resumed from" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert_same_training(ref, tmp_path / "a")
+
+    killed = train(tmp_path / "b", cache, *STEPS, fault="step:5")
+    assert killed.returncode != 0
+    proc = torchrun(tmp_path / "b", cache, "parallel.async_checkpoint=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(ref, tmp_path / "b")
+    assert checkpoint.verify(tmp_path / "b/checkpoints/step_00000006") is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_c10d_rendezvous(reference, tmp_path):
+    """Two torchrun agents (`--nnodes 2`, one process each) meet through a c10d rendezvous on localhost."""
+    ref, cache = reference
+    port = _free_port()
+    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK")}
+    cmd = train_cmd(tmp_path / "nodes", cache, *STEPS)
+
+    def node(rank: int):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                    "--rdzv_id=nodes-test", "--max_restarts=0"]
+        return lambda: subprocess.run(launcher + cmd[1:], cwd=ROOT, env=env, capture_output=True, text=True,
+                                      timeout=TIMEOUT)
+
+    results = side_by_side(node(0), node(1))
+    for proc in results:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(ref, tmp_path / "nodes")
+
+
+def srun_like(run_dir: Path, cache: Path, *overrides: str, ntasks: int = 2, fault: str = "", fault_rank: int = 0,
+              timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """What `srun` does for one node: start every task itself with SLURM's variables (no torchrun agent that would
+    tear the job down for us); MASTER_ADDR/PORT as the generated batch script exports them."""
+    port = _free_port()
+    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks), SLURM_NNODES="1", SLURM_NTASKS_PER_NODE=str(ntasks),
+               SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if fault:
+        env.update(DIFFV2_FAULT=fault, DIFFV2_FAULT_RANK=str(fault_rank))
+    cmd = train_cmd(run_dir, cache, *STEPS, *overrides)
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ntasks)]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return out
+
+
+def test_slurm_tasks_train_like_one(reference, tmp_path):
+    """Tasks started with SLURM's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) form the job."""
+    ref, cache = reference
+    for proc in srun_like(tmp_path / "s", cache):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(ref, tmp_path / "s")
+
+
+@pytest.mark.parametrize("fault", ["stall", "rank_kill"])
+def test_a_lost_rank_ends_the_job_with_an_error_then_it_resumes(reference, tmp_path, fault):
+    """Rank 1 hangs (or dies) at step 5: rank 0 leaves within parallel.timeout_s with a one-line error and exit
+    code 4, the checkpoint of step 3 is intact, and a relaunch resumes from it and finishes like the reference."""
+    ref, cache = reference
+    timeout_s = 15
+    start = time.monotonic()
+    procs = srun_like(tmp_path / "r", cache, f"parallel.timeout_s={timeout_s}", fault=f"{fault}:5", fault_rank=1,
+                      timeout=timeout_s + 120) if fault == "rank_kill" else None
+    if procs is None:  # the stalled rank never exits by itself: stop it once rank 0 has given up
+        procs = _stalled_job(tmp_path / "r", cache, timeout_s)
+    elapsed = time.monotonic() - start
+    rank0 = procs[0]
+    assert rank0.returncode == 4, rank0.stderr[-3000:]
+    assert elapsed < timeout_s + 90, f"rank 0 took {elapsed:.0f}s to give up"
+    last = error_line(rank0)
+    assert last.startswith("[rank 0] error: rank 0: a collective") and "trainer.resume=auto" in last, last
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "r/checkpoints")] == ["step_00000003"]
+    assert checkpoint.verify(tmp_path / "r/checkpoints/step_00000003") is None
+    for proc in srun_like(tmp_path / "r", cache):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(ref, tmp_path / "r")
+
+
+def _stalled_job(run_dir: Path, cache: Path, timeout_s: int) -> list[subprocess.CompletedProcess]:
+    port = _free_port()
+    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(SLURM_JOB_ID="4243", SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DIFFV2_FAULT="stall:5", DIFFV2_FAULT_RANK="1")
+    cmd = train_cmd(run_dir, cache, *STEPS, f"parallel.timeout_s={timeout_s}")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    stdout, stderr = procs[0].communicate(timeout=timeout_s + 120)
+    procs[1].kill()  # the scheduler's job: a task that hangs forever is killed when the job ends
+    procs[1].communicate()
+    return [subprocess.CompletedProcess(procs[0].args, procs[0].returncode, stdout, stderr)]
