@@ -1,1 +1,1 @@
-"""Launchers: SLURM batch scripts (`python -m launch.slurm`) and torchrun command lines (`python -m launch.torchrun`)."""
+"""Launchers: SLURM batch scripts (python -m launch.slurm) and torchrun command lines (python -m launch.torchrun)."""

@@ -156,7 +156,9 @@ ARGS=(
 CODE="$RUN_DIR/code"
 
 case "${{SLURM_JOB_ID:-}}" in
-  '' | *[!0-9]*) echo "error: SLURM_JOB_ID='${{SLURM_JOB_ID:-}}' is not a job id; submit this script with sbatch" >&2; exit 2 ;;
+  '' | *[!0-9]*)
+    echo "error: SLURM_JOB_ID='${{SLURM_JOB_ID:-}}' is not a job id; submit this script with sbatch" >&2
+    exit 2 ;;
 esac
 
 # Rendezvous for torch.distributed: the job's first node, and a port that differs between jobs.
@@ -189,7 +191,8 @@ if [ ! -d "$CODE" ]; then
     }} > "$RUN_DIR/launch/snapshot.txt"
     git -C "$REPO" diff HEAD > "$RUN_DIR/launch/snapshot.diff" 2> /dev/null || true
   else
-    tar -C "$REPO" --exclude=./runs --exclude=./.git -cf - . | tar -xf - -C "$TMP"
+    tar -C "$REPO" --exclude=./runs --exclude=./.git --exclude=./.venv --exclude=./venv --exclude=./wandb \\
+      --exclude=./outputs --exclude=./multirun --exclude=./.cache --exclude=__pycache__ -cf - . | tar -xf - -C "$TMP"
     printf 'source: %s\\ncommit: none (not a git checkout)\\njob: %s\\n' "$REPO" "$SLURM_JOB_ID" \\
       > "$RUN_DIR/launch/snapshot.txt"
   fi
@@ -201,8 +204,8 @@ cd "$CODE"
 # git would otherwise find the repository above a snapshot under runs/ and record its current commit as the run's.
 GIT_CEILING_DIRECTORIES=$(cd "$RUN_DIR" && pwd -P)
 export GIT_CEILING_DIRECTORIES
-echo "launch: job $SLURM_JOB_ID (restarts so far: ${{SLURM_RESTART_COUNT:-0}}): {tasks} task(s) on $SLURM_JOB_NODELIST," \\
-  "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT, code $CODE"
+echo "launch: job $SLURM_JOB_ID (restarts so far: ${{SLURM_RESTART_COUNT:-0}}):" \\
+  "{tasks} task(s) on $SLURM_JOB_NODELIST, MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT, code $CODE"
 exec {" ".join(srun)} "$PY" train.py "${{ARGS[@]}}"
 """
     return "\n".join(header) + "\n" + body
