@@ -6,7 +6,7 @@ signal number: everything else happens at the next step boundary, where the trai
 a checkpoint and stops. With several processes, every rank must stop at the same step (a checkpoint save is
 collective), yet a signal can reach one rank a step earlier than another, or only some ranks: the ranks
 therefore agree with an all-reduce(MAX) of the signal number over a CPU (gloo) group. Gloo on the CPU never
-synchronises the GPU; one int per check costs tens of microseconds.
+synchronises the GPU; one int per check is a small network round trip (raise `interval` if it ever shows).
 
 After the stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID` for SIGUSR1 only: the job restarts and
 `trainer.resume=auto` continues from the checkpoint just saved. SIGTERM is not requeued by the run, because it

@@ -29,6 +29,7 @@ from launch.common import REPO, Parser, check_overrides, positive_int, run_dir_o
 SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*")  # partitions, accounts, QOS (comma lists)
 # #SBATCH lines are read by sbatch, not by the shell: no quoting exists there, so the run directory (in
 # --output) is held to characters that need none. '%' is excluded too: sbatch expands %j-style patterns.
+JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+@-]+")
 TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 MAX_SIGNAL_LEAD = 65535  # SLURM's limit for --signal=SIG@seconds
@@ -89,7 +90,7 @@ def check_args(a) -> tuple[int, Path]:
     for flag, value in (("--partition", a.partition), ("--account", a.account), ("--qos", a.qos)):
         if value is not None and not SLURM_NAME.fullmatch(value):
             raise ValueError(f"{flag} {value!r} is not a SLURM name (letters, digits, _.+- and commas)")
-    if a.job_name is not None and not SLURM_NAME.fullmatch(a.job_name):
+    if a.job_name is not None and not JOB_NAME.fullmatch(a.job_name):
         raise ValueError(f"--job-name {a.job_name!r} may hold only letters, digits and _.+-")
     if "/" in a.python and not os.access(a.python, os.X_OK):
         raise ValueError(f"--python {a.python} is not an executable file; give the interpreter of the project's "
