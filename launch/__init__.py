@@ -1,0 +1,1 @@
+"""Launchers: SLURM batch scripts (python -m launch.slurm) and torchrun command lines (python -m launch.torchrun)."""
