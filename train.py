@@ -7,7 +7,8 @@
 Exit codes: 0 done; 2 refused at start-up (one `error:` line; an existing run directory is left as it was);
 3 stopped mid-run (non-finite steps, a full disk; the line says which checkpoint holds the last good state);
 4 another rank died or stalled (a collective timed out after parallel.timeout_s; trainer.resume=auto restarts
-from the last checkpoint). Under torchrun or srun each rank prints its own line, prefixed with its rank.
+from the last checkpoint); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (preemption; rerunning, or
+SLURM's requeue, resumes). Under torchrun or srun each rank prints its own line, prefixed with its rank.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ HYDRA_BOILERPLATE = ("full_key:", "reference_type=", "object_type=", "See https:
 def main(dcfg: DictConfig) -> dict:
     from diffv2.trainer import RunStopped, Trainer
 
+    from diffv2 import preempt
     from diffv2.parallel import dist as pdist
 
     try:
@@ -58,6 +60,8 @@ def main(dcfg: DictConfig) -> dict:
             raise
         _fail(f"error: {pdist.explain_timeout(e)}", 4)
     pdist.shutdown()
+    if (code := preempt.exit_code()) is not None:  # stopped with a checkpoint by SIGUSR1/SIGTERM: run again to resume
+        sys.exit(code)
     log.info(
         "done: train loss %.4f, validation loss %.4f | run dir %s | checkpoint %s | metrics %s",
         summary.get("train/loss", float("nan")), summary.get("train/val_loss", float("nan")),

@@ -116,6 +116,8 @@ class TrainerConfig:
     deterministic: bool = True  # deterministic algorithms on CPU (exact resume); off on GPU for speed
     nonfinite: str = "skip"  # NaN/Inf loss or grad norm: skip (undo the step) | stop (at the first) | ignore (no check)
     max_bad_steps: int = 10  # nonfinite=skip: this many non-finite steps in a row save a checkpoint and stop the run
+    preempt_check_interval: int = 1  # steps between the ranks' agreement on a received SIGUSR1/SIGTERM (save + stop)
+    requeue: bool = True  # after a SIGUSR1 stop under SLURM, `scontrol requeue` the job (it resumes automatically)
 
 
 @dataclass
@@ -290,7 +292,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     for key in ("d_model", "n_layers", "head_dim", "ffn_hidden", "vocab_size", "max_seq_len", "ce_chunk"):
         _positive(f"model.{key}", getattr(m, key))
-    for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps"):
+    for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps",
+                "preempt_check_interval"):
         _positive(f"trainer.{key}", getattr(t, key))
     for key in ("eval_interval", "ckpt_interval"):
         if getattr(t, key) < -1:

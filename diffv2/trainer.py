@@ -29,6 +29,7 @@ from diffv2.kernels import doc_ids_from_tokens, resolve_backend
 from diffv2.model import Transformer
 from diffv2.nonfinite import NonFiniteGuard
 from diffv2.optim import lr_at, set_lr
+from diffv2.preempt import PreemptionCallback
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.engine import build_engine
 from diffv2.record import write_record
@@ -188,6 +189,7 @@ class Trainer:
         eod = tokenizer.eod if cfg.model.attention.doc_mask else None
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         monitors = build_monitors(cfg.monitoring, t.log_interval)
+        monitors.insert(0, PreemptionCallback(t.preempt_check_interval, t.requeue))
         ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
                            flops_per_token=counts.flops_per_token, tokens_per_step=tokens_per_step, start_step=step,
                            autocast_dtype=self.autocast_dtype,
@@ -267,8 +269,8 @@ class Trainer:
                     sink.log(step, {"train/val_loss": val})
                     say(f"step {step:>6} | validation loss {val:.4f}")
                     summary["train/val_loss"] = val
-                stop = diverged or next((reason for m in monitors if (reason := m.should_stop())), None)
-                stop = pdist.agree_on(stop)
+                asked = [m.should_stop() for m in monitors]  # every monitor, every rank: some ask collectively
+                stop = pdist.agree_on(diverged or next((r for r in asked if r), None))
                 saving = _due(step, t.ckpt_interval, last) or stop
                 if saving and guard is not None and guard.undo is None and guard.poisoned():
                     raise RunStopped(

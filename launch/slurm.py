@@ -62,7 +62,7 @@ def build_parser() -> Parser:
     p.add_argument("--gpus-per-node", type=positive_int, required=True, help="GPUs per node = tasks per node")
     p.add_argument("--time", required=True, help="time limit per start of the job, e.g. 24:00:00 or 2-00:00:00")
     p.add_argument("--partition", required=True)
-    p.add_argument("--account", required=True)
+    p.add_argument("--account", help="charge account (omit where the cluster needs none)")
     p.add_argument("--qos", help="quality of service, if the cluster wants one")
     p.add_argument("--cpus-per-task", type=positive_int, help="CPU cores per task (per GPU)")
     p.add_argument("--signal-lead", type=positive_int, default=180,
@@ -130,7 +130,7 @@ def render(a, run_dir: Path) -> str:
         "# a requeue reruns this script; the run resumes from its newest checkpoint, with the code of its first start.",
         f"#SBATCH --job-name={job_name}",
         f"#SBATCH --partition={a.partition}",
-        f"#SBATCH --account={a.account}",
+        *([f"#SBATCH --account={a.account}"] if a.account else []),
         *([f"#SBATCH --qos={a.qos}"] if a.qos else []),
         f"#SBATCH --nodes={a.nodes}",
         f"#SBATCH --ntasks-per-node={a.gpus_per_node}",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cli_runs import ENV, ROOT, TIMEOUT, error_line, side_by_side, train, trajectory, train_cmd
+from test_train import SMALL
 from diffv2 import checkpoint
 
 STEPS = ["trainer.max_steps=6", "trainer.log_interval=1", "trainer.eval_interval=3", "trainer.ckpt_interval=3",
@@ -183,3 +184,61 @@ def _stalled_job(run_dir: Path, cache: Path, timeout_s: int) -> list[subprocess.
     procs[1].kill()  # the scheduler's job: a task that hangs forever is killed when the job ends
     procs[1].communicate()
     return [subprocess.CompletedProcess(procs[0].args, procs[0].returncode, stdout, stderr)]
+
+
+def test_slurm_job_preempted_checkpoints_requeues_and_resumes(tmp_path):
+    """The generated batch script under stand-in `srun`/`scontrol` (the training tasks are real): SIGUSR1 to the
+    tasks mid-run -> the ranks agree, save a checkpoint and exit 75 -> rank 0 runs `scontrol requeue JOB` -> the
+    batch script starts again (as SLURM's requeue does), resumes and finishes exactly like an uninterrupted run."""
+    import random
+    import signal
+
+    from launch import slurm
+    from test_launch import calls, stand_ins
+
+    cache, job_id = tmp_path / "cache", str(random.randrange(1000, 9999))
+    overrides = [f"data.cache_dir={cache}", *SMALL, *STEPS, "trainer.max_steps=12", "trainer.ckpt_interval=100"]
+    env = stand_ins(tmp_path)
+    scontrol = Path(env["PATH"].split(os.pathsep)[0]) / "scontrol"  # this cluster's one node is this machine
+    scontrol.write_text(scontrol.read_text().replace("gpu-node-07\\ngpu-node-08", "127.0.0.1"))
+    env.update({k: v for k, v in ENV.items() if k.startswith(("WANDB", "OMP"))}, SLURM_JOB_ID=job_id,
+               SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1")
+    run_dir, script = tmp_path / "runs" / "job", tmp_path / "job.sbatch"
+    assert slurm.main(["--nodes", "1", "--gpus-per-node", "2", "--time", "10", "--partition", "cpu", "--run-dir",
+                       str(run_dir), "--python", sys.executable, "--out", str(script), "--dry-run", "--",
+                       *overrides]) == 0
+    reference = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'ref'}", *overrides],
+                                 cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in job.stdout:
+        seen.append(line)
+        if "step      3 | loss" in line:  # SLURM signals every task of the step; here: all but the batch shell
+            for pid in _train_processes(run_dir):
+                os.kill(pid, signal.SIGUSR1)
+    assert job.wait(timeout=TIMEOUT) == 75, "".join(seen)[-3000:]
+    assert ["requeue", job_id] in calls(env, "scontrol")
+    (saved,) = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    assert 3 <= checkpoint.read_meta(saved)["step"] < 12 and checkpoint.verify(saved) is None
+
+    again = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"resumed from {saved}" in again.stdout + again.stderr
+    assert reference.wait(timeout=TIMEOUT) == 0, reference.stderr.read()[-3000:]
+    assert_same_training(tmp_path / "ref", run_dir)
+
+
+def _train_processes(run_dir: Path) -> list[int]:
+    """PIDs of the `python train.py ... hydra.run.dir=RUN` tasks (not the shells that started them)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if len(argv) > 1 and argv[1] == "train.py" and f"hydra.run.dir={run_dir}" in argv:
+            pids.append(int(proc.name))
+    return pids

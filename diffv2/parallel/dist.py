@@ -165,7 +165,7 @@ def mean_over_ranks(value: torch.Tensor, dp_size: int) -> torch.Tensor:
 
 def agree_on(reason: Optional[str]) -> Optional[str]:
     """A stop reason any rank has, on every rank (the lowest rank's wording wins)."""
-    if world_size() == 1:
+    if world_size() == 1 or all_ok(not reason):  # one small host-side all-reduce per step in the common case
         return reason
     reasons = [None] * world_size()
     dist.all_gather_object(reasons, reason, group=control_group())
