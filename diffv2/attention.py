@@ -17,6 +17,11 @@ from diffv2.config import AttentionConfig, ModelConfig
 from diffv2.kernels import causal_attention
 from diffv2.rope import RotaryEmbedding
 
+try:
+    from torch.distributed.tensor import DTensor, Partial
+except ImportError:  # torch built without distributed: no tensor parallelism, every parameter is plain
+    DTensor = Partial = None
+
 if TYPE_CHECKING:
     from diffv2.kv_cache import KVCache
 
@@ -72,6 +77,16 @@ def lambda_init(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
 
+def tp_local(p: torch.Tensor) -> torch.Tensor:
+    """p itself, or this rank's copy of a parameter replicated over the TP ranks (a Replicate DTensor, see
+    diffv2/parallel/tensor.py). Each rank's heads give part of its gradient, so backward all-reduces it (the
+    redistribute turns the Partial gradient back into the parameter's Replicate placement)."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return p
+    grad = [Partial() if pl.is_replicate() else pl for pl in p.placements]
+    return p.redistribute(placements=p.placements).to_local(grad_placements=grad)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, affine: bool = True):
         super().__init__()
@@ -80,7 +95,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps).type_as(x)
-        return y * self.weight if self.weight is not None else y
+        return y * tp_local(self.weight) if self.weight is not None else y
 
 
 class Attention(nn.Module):
@@ -90,7 +105,8 @@ class Attention(nn.Module):
         a: AttentionConfig = cfg.attention
         self.cfg, self.layer_idx, self.backend = a, layer_idx, backend
         self.variant, self.head_dim = a.variant, cfg.head_dim
-        self.n_q, self.n_out, self.n_kv = query_heads(cfg), output_heads(cfg), cfg.n_kv_heads
+        # Head counts of this module; under tensor parallelism (degree tp) they count this rank's heads.
+        self.n_q, self.n_out, self.n_kv, self.tp = query_heads(cfg), output_heads(cfg), cfg.n_kv_heads, 1
         d, m = cfg.head_dim, cfg.d_model
         self.q_proj = nn.Linear(m, self.n_q * d, bias=False)
         self.k_proj = nn.Linear(m, self.n_kv * d, bias=False)
@@ -114,8 +130,9 @@ class Attention(nn.Module):
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         """Causal self-attention over x; with a cache, x holds the new tokens and attends to every cached slot too."""
         b, n, _ = x_BNM.shape
-        q_BNQD = self.q_proj(x_BNM).view(b, n, self.n_q, self.head_dim)
-        k_BNKD = self.k_proj(x_BNM).view(b, n, self.n_kv, self.head_dim)
+        # Head counts come from the projections: under tensor parallelism they hold this rank's heads only.
+        q_BNQD = self.q_proj(x_BNM).view(b, n, -1, self.head_dim)
+        k_BNKD = self.k_proj(x_BNM).view(b, n, -1, self.head_dim)
         v_width = 2 * self.head_dim if self.variant == "diffv1" else self.head_dim  # V1: n_kv/2 heads of 2D (§3)
         v_BNKD = self.v_proj(x_BNM).view(b, n, -1, v_width)
         if self.q_norm is not None:  # before RoPE, as Qwen3
@@ -156,9 +173,9 @@ class Attention(nn.Module):
                   for vh in (v_BLKE[..., :d], v_BLKE[..., d:])]
         attn_BNQE = torch.cat(halves, dim=-1)
         attn1_BNHE, attn2_BNHE = attn_BNQE.chunk(2, dim=2)
+        lq1, lk1, lq2, lk2 = (tp_local(p) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
         lam = (
-            torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-            - torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
+            torch.exp(torch.dot(lq1.float(), lk1.float())) - torch.exp(torch.dot(lq2.float(), lk2.float()))
             + self.lambda_init
         ).to(q_BNQD.dtype)
         ctx = self.subln(attn1_BNHE - lam * attn2_BNHE) * (1 - self.lambda_init)

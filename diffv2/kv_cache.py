@@ -34,11 +34,11 @@ class KVCache:
     """Keys (B, max_len, K, D) and values of every layer, filled left to right; `length` slots are in use."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
-                 pads_B: Optional[torch.Tensor] = None):
+                 pads_B: Optional[torch.Tensor] = None, tp: int = 1):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"a {max_len}-token cache exceeds model.max_seq_len={cfg.max_seq_len} (the RoPE table); "
                              f"shorten the prompt or the number of new tokens")
-        n_kv, d = cfg.n_kv_heads, cfg.head_dim
+        n_kv, d = cfg.n_kv_heads // tp, cfg.head_dim  # tensor parallelism: this rank's KV heads only
         v_heads, v_width = (n_kv // 2, 2 * d) if cfg.attention.variant == "diffv1" else (n_kv, d)
         self.k_BLKD = [torch.zeros(batch, max_len, n_kv, d, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v_BLKD = [torch.zeros(batch, max_len, v_heads, v_width, dtype=dtype, device=device)
@@ -49,9 +49,9 @@ class KVCache:
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int,
                   pads_B: Optional[torch.Tensor] = None) -> "KVCache":
-        """A cache in the model's parameter dtype on its device."""
+        """A cache in the model's parameter dtype on its device, for its rank's heads under tensor parallelism."""
         p = next(model.parameters())
-        return cls(model.cfg, batch, max_len, p.dtype, p.device, pads_B)
+        return cls(model.cfg, batch, max_len, p.dtype, p.device, pads_B, tp=model.blocks[0].attn.tp)
 
     def bytes_per_token_per_layer(self) -> int:
         k, v = self.k_BLKD[0], self.v_BLKD[0]

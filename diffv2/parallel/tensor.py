@@ -1,0 +1,167 @@
+"""Tensor parallelism (Megatron-style, with DTensor) for the dense model: each TP rank holds whole GQA groups (spec R5).
+
+`apply_tensor_parallel(model, mesh["tp"])` shards every block in place with `parallelize_module`:
+- attention: q/k/v/lambda projections colwise, o_proj rowwise. Contiguous row shards of q_proj are whole GQA groups
+  when tp divides the KV heads, so DIFF V2 pairs (2i, 2i+1), their lambda rows and o_proj's input columns are
+  rank-local and the differential combination needs no communication (spec R5; T14 checks it);
+- SwiGLU: gate/up colwise, down rowwise;
+- per-head weights shared by every head (QK-norm over head_dim, DIFF V1's lambda vectors and sub-LN) become
+  Replicate DTensors: each rank's heads give part of their gradient, which the forward's `tp_local` sums over the
+  ranks in backward, so they stay identical on every rank.
+Embedding, the final norm and lm_head stay plain replicated tensors, as do the blocks' pre-norms: every rank sees the
+same residual stream (no sequence parallelism), and each attention / MLP input's gradient is all-reduced once.
+Keep them plain: RMSNorm reads a DTensor weight through `tp_local`, which would sum their (already full, identical)
+gradients over the ranks.
+
+Refused (one-line ValueError from `validate_tp`): MoE blocks (shard them with expert parallelism instead,
+diffv2/parallel/expert.py) and pairing=half_split (ablation 1 pairs head i with head i+h, which a contiguous shard
+puts on different ranks; run that ablation with tp=1).
+
+Composition with FSDP2 on a ("dp", "tp") mesh is the engine's job: apply TP first, then `fully_shard` over
+mesh["dp"] (torchtitan order). After TP, an attention module's n_q / n_out / n_kv count this rank's heads and
+its `tp` is the degree; KVCache.for_model sizes the cache from it. Monitors see the local heads only.
+The model then mixes plain and DTensor parameters (on two meshes once FSDP2 shards it), which
+torch.nn.utils.clip_grad_norm_ cannot stack: use this module's `clip_grad_norm_`.
+
+Legend: B batch, N sequence, M d_model.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+from diffv2.config import ModelConfig
+
+
+def _tp_divisors(cfg: ModelConfig) -> dict[str, int]:
+    """Every count a TP degree must divide, by name (spec R5; DIFF V1 shards its h/2 and h_kv/2 heads of 2d)."""
+    from diffv2.attention import output_heads, query_heads
+
+    a, h, hkv = cfg.attention, cfg.n_heads, cfg.n_kv_heads
+    counts = {"n_kv_heads": hkv, "n_heads": h, "query heads": query_heads(cfg), "output heads": output_heads(cfg)}
+    if a.variant == "diffv1":
+        counts.update({"n_kv_heads/2 (V1 kv heads of 2d)": hkv // 2, "n_heads/2 (V1 pairs)": h // 2})
+    counts["ffn_hidden"] = cfg.ffn_hidden
+    return counts
+
+
+def validate_tp(model_cfg: ModelConfig, tp: int) -> None:
+    """One-line ValueError when `tp` cannot shard this model so that outputs and gradients match tp=1 (spec T14)."""
+    from diffv2.attention import validate_heads
+    from diffv2.flops import effective_config
+
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor parallel degree tp={tp!r} must be a positive integer")
+    validate_heads(model_cfg)
+    if tp == 1:
+        return
+    cfg = effective_config(model_cfg)  # param_match resizes ffn_hidden: check what the model is built with
+    if cfg.moe.n_experts > 0:
+        raise ValueError(f"tensor parallelism (tp={tp}) shards dense SwiGLU blocks only, but model.moe.n_experts="
+                         f"{cfg.moe.n_experts}; use tp=1 and shard the experts with expert parallelism")
+    if cfg.attention.pairing == "half_split":
+        raise ValueError(f"attention.pairing=half_split pairs head i with head i+n_heads, so a tp={tp} shard splits "
+                         f"its pairs across ranks; run this ablation with tp=1")
+    counts = _tp_divisors(cfg)
+    bad = {name: n for name, n in counts.items() if n % tp}
+    if bad:
+        ok = [t for t in range(1, max(counts.values()) + 1) if all(n % t == 0 for n in counts.values())]
+        found = ", ".join(f"{name}={n}" for name, n in bad.items())
+        raise ValueError(f"tensor parallel degree tp={tp} must divide {found} (spec R5: each rank holds whole GQA "
+                         f"groups, so differential pairs and their lambda stay rank-local); use tp in {ok}")
+
+
+class ReplicateParams(ParallelStyle):
+    """Turn a module's own parameters into Replicate DTensors (the forward reads them through `tp_local`)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not isinstance(p, DTensor):
+                dp = distribute_tensor(p.detach(), device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
+                module.register_parameter(name, nn.Parameter(dp, requires_grad=p.requires_grad))
+        return module
+
+
+def _block_plan(block: nn.Module) -> dict[str, ParallelStyle]:
+    attn = block.attn
+    plan: dict[str, ParallelStyle] = {
+        # x enters as one Replicate DTensor: the projections reading it add Partial gradients, all-reduced once.
+        # Block calls attn(x, doc_ids, cache); only x is a tensor to distribute.
+        "attn": PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                   desired_input_layouts=(Replicate(), None, None)),
+        "attn.q_proj": ColwiseParallel(),  # whole GQA groups per rank (t | h_kv): pairs (2i, 2i+1) stay local
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),  # V1: h_kv/2 heads of 2d, sharded by whole heads (t | h_kv/2)
+        "attn.o_proj": RowwiseParallel(),  # input columns of the local output heads; output all-reduced
+        "mlp": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
+    if attn.lambda_proj is not None:
+        plan["attn.lambda_proj"] = ColwiseParallel()  # rows of the local output heads
+    for norm in ("q_norm", "k_norm", "subln"):  # one weight over head_dim (or 2d) shared by all heads
+        if getattr(attn, norm, None) is not None:
+            plan[f"attn.{norm}"] = ReplicateParams()
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard every block's attention and MLP over the 1-D `tp_mesh` in place; returns the model.
+
+    Every rank must hold the same weights (same seed or a loaded checkpoint); shards are taken from rank 0's copy.
+    Call it before building the optimizer (the sharded parameters are new objects) and before `fully_shard`.
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel needs the 1-D TP sub-mesh, got a {tp_mesh.ndim}-D mesh; "
+                         f"pass mesh['tp']")
+    tp = tp_mesh.size()
+    validate_tp(model.cfg, tp)
+    if tp == 1:
+        return model
+    for block in model.blocks:
+        attn = block.attn
+        parallelize_module(block, tp_mesh, _block_plan(block))
+        parallelize_module(attn, tp_mesh, ReplicateParams())  # DIFF V1 lambda_q1/k1/q2/k2: one lambda per layer
+        attn.n_q, attn.n_out, attn.n_kv, attn.tp = attn.n_q // tp, attn.n_out // tp, attn.n_kv // tp, tp
+        plain = [n for n, p in [*attn.named_parameters(), *block.mlp.named_parameters()] if not isinstance(p, DTensor)]
+        if plain:  # a parameter no plan covers would silently get a partial gradient
+            raise ValueError(f"tensor parallelism has no plan for {plain} in block {attn.layer_idx}; "
+                             f"add it to diffv2/parallel/tensor.py")
+    return model
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (2-norm) for parameters that mix plain tensors and DTensors on several meshes.
+
+    torch's version puts every gradient in one foreach call, which refuses plain tensors beside DTensors and
+    DTensors of different meshes. Here each mesh's gradients get their own norm (a DTensor norm is reduced over its
+    mesh by full_tensor), the total is the norm of those, and each group is scaled by the same coefficient.
+    Returns the total norm before clipping, a plain scalar tensor equal on every rank.
+    """
+    groups: dict = {}
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for params in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    if not norms:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for params in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
