@@ -189,11 +189,14 @@ class Trainer:
         eod = tokenizer.eod if cfg.model.attention.doc_mask else None
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         monitors = build_monitors(cfg.monitoring, t.log_interval)
+        if cfg.parallel.tp > 1 and monitors:
+            log.warning("parallel.tp=%d: probe monitors (attention logits, sinks, value RMS) are off, and per-head "
+                        "attention statistics cover this rank's heads only", cfg.parallel.tp)
         monitors.insert(0, PreemptionCallback(t.preempt_check_interval, t.requeue))
         ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
                            flops_per_token=counts.flops_per_token, tokens_per_step=tokens_per_step, start_step=step,
                            autocast_dtype=self.autocast_dtype,
-                           probe_tokens=self._probe_batch(valid_ds) if monitors else None,
+                           probe_tokens=self._probe_batch(valid_ds) if monitors and cfg.parallel.tp == 1 else None,
                            named_grads=engine.named_grads)
         saved = trainer_state.get("monitors", {})
         for m in monitors:

@@ -79,7 +79,9 @@ def local_piece(t) -> tuple[torch.Tensor, float]:
     if DTensor is not None and isinstance(t, DTensor):
         if any(isinstance(p, Partial) for p in t.placements):
             raise ValueError("grad norms need reduced gradients; got a DTensor with a Partial placement")
-        replicas = 1
+        # Replicated along its Replicate mesh dims, and over every rank outside its mesh (e.g. embeddings sharded
+        # over the data-parallel mesh are the same on each tensor-parallel rank).
+        replicas = _world() // t.device_mesh.size()
         for dim, p in enumerate(t.placements):
             if isinstance(p, Replicate):
                 replicas *= t.device_mesh.size(dim)

@@ -28,6 +28,7 @@ class PerfMonitor(Callback):
         self.last = ctx.cfg.trainer.max_steps
         self.ctx = ctx
         self.cuda = ctx.device.type == "cuda"
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.peak = peak_flops(torch.cuda.get_device_name(ctx.device)) if self.cuda else 0.0
         self.t_begin, self.cpu_begin = time.perf_counter(), time.process_time()
         self._reset()
@@ -48,12 +49,14 @@ class PerfMonitor(Callback):
             return {}
         step_time = self.busy_s / self.steps
         tok_s = self.ctx.tokens_per_step / step_time
-        metrics = {"perf/tokens_per_s": tok_s, "perf/step_time_s": step_time,
-                   "perf/data_share": self.data_s / self.busy_s, "perf/tflops": tok_s * self.ctx.flops_per_token / 1e12,
+        # tokens/s of the whole job; TFLOP/s and MFU per GPU (the job's FLOPs over all its GPUs' peak)
+        metrics = {"perf/tokens_per_s": tok_s, "perf/tokens_per_s_per_gpu": tok_s / self.world,
+                   "perf/step_time_s": step_time, "perf/data_share": self.data_s / self.busy_s,
+                   "perf/tflops": tok_s * self.ctx.flops_per_token / 1e12 / self.world,
                    "perf/elapsed_s": time.perf_counter() - self.t_begin,
                    "perf/cpu_s": time.process_time() - self.cpu_begin}
         if self.peak:
-            metrics["perf/mfu"] = tok_s * self.ctx.flops_per_token / self.peak
+            metrics["perf/mfu"] = tok_s * self.ctx.flops_per_token / self.peak / self.world
             metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         self._reset()
         return metrics

@@ -242,3 +242,13 @@ def _train_processes(run_dir: Path) -> list[int]:
         if len(argv) > 1 and argv[1] == "train.py" and f"hydra.run.dir={run_dir}" in argv:
             pids.append(int(proc.name))
     return pids
+
+
+def test_tensor_parallel_train_py_like_one(tmp_path, reference):
+    """parallel.tp=2 through train.py (each rank holds half of every block's heads and MLP columns)."""
+    _, cache = reference
+    heads = ["model.n_kv_heads=2"]  # tp must divide the KV heads (spec R5)
+    one, two = side_by_side(lambda: single(tmp_path / "one", cache, *heads),
+                            lambda: torchrun(tmp_path / "tp", cache, *heads, "parallel.tp=2"))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "tp")
