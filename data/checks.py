@@ -181,3 +181,25 @@ def check_weights(prefixes: Sequence[str], weights: Optional[Sequence[float]]) -
         )
     if any(not w > 0 for w in weights):
         raise ValueError(f"data.weights {list(weights)} must all be > 0 (drop a prefix instead of weighting it 0)")
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def check_index_cache(cache: str) -> None:
+    """megatron-core reads its cached indices (`data.cache_dir/index/*.npy`) with numpy.load(allow_pickle=True,
+    mmap_mode="r"). That refuses object arrays inside a .npy, but numpy unpickles a file that does not start with the
+    .npy magic (and opens a zip as .npz): a pickle planted there would run code. Refuse such files unread."""
+    if not os.path.isdir(cache):
+        return
+    for name in sorted(os.listdir(cache)):
+        path = os.path.join(cache, name)
+        if not name.endswith(".npy") or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+        if not NPY_MAGIC.startswith(head):  # empty or a prefix of the magic: another rank writing it now
+            raise ValueError(
+                f"{path} is not a .npy array (it starts {head!r}); megatron-core would load it with "
+                f"allow_pickle=True, which runs code from a pickle. Delete it (the index is rebuilt) and check who "
+                f"can write to data.cache_dir")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from data.checks import check_prefix, check_splits, check_weights, parse_split
+from data.checks import check_index_cache, check_prefix, check_splits, check_weights, parse_split
 from data.prepare import prepare
 from data.tokenizer import Tokenizer, check_vocab  # noqa: F401  (re-exported: part of this module's API)
 
@@ -173,6 +173,7 @@ def build_datasets(
     quiet = logging.getLogger("megatron.core.datasets")
     if quiet.level == logging.NOTSET:  # its per-file INFO lines would flood the trainer's log; explicit levels win
         quiet.setLevel(logging.WARNING)
+    check_index_cache(config.path_to_cache)  # megatron unpickles what is there (allow_pickle=True)
     with _process_group():
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return (

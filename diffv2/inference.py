@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from diffv2 import checkpoint
+from diffv2 import checkpoint, safe_load
 from diffv2.config import AttentionConfig, ModelConfig, MoEConfig
 from diffv2.kernels import resolve_backend
 from diffv2.model import Transformer
@@ -85,9 +83,7 @@ def load_model(ckpt: Path, device: torch.device, backend: str = "auto") -> Trans
     cfg = model_config(checkpoint.read_meta(ckpt)["model"])
     model = Transformer(cfg, resolve_backend(backend, device, doc_mask=False)).to(device)
     state = get_model_state_dict(model)
-    with warnings.catch_warnings():  # DCP warns that it runs without a process group
-        warnings.simplefilter("ignore")
-        dcp.load({"model": state}, checkpoint_id=str(ckpt))
+    safe_load.dcp_load({"model": state}, ckpt)  # never unpickles objects other than DCP metadata and plain data
     set_model_state_dict(model, state)
     return model.eval()
 

@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from diffv2 import safe_load
 from diffv2.optim import build_optimizer
 from diffv2.parallel import dist as pdist
 
@@ -91,7 +92,7 @@ class Engine:
         state = {"model": model_sd, "optim": optim_sd}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load(state, checkpoint_id=str(directory))
+            safe_load.dcp_load(state, directory)  # stock dcp.load unpickles .metadata unrestricted
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def describe(self) -> str:
