@@ -120,8 +120,11 @@ class Transformer(nn.Module):
         return self.norm(x_BNM)
 
     def forward(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Full logits (B, N, V); for inference and tests. Training uses `loss`."""
+                cache: Optional[KVCache] = None, labels_BN: Optional[torch.Tensor] = None):
+        """Full logits (B, N, V); for inference and tests. Training uses `loss`. With labels_BN: `loss`'s triple,
+        for wrappers that can only call forward (DeepSpeed: ZeRO-3 gathers parameters in forward hooks)."""
+        if labels_BN is not None:
+            return Transformer.loss(self, tokens_BN, labels_BN, doc_ids_BN)  # the class's, even if patched per instance
         return F.linear(self.hidden(tokens_BN, doc_ids_BN, cache), self.lm_head_weight)
 
     def loss(self, tokens_BN, labels_BN, doc_ids_BN=None):
