@@ -140,7 +140,7 @@ def _complete(engine, ckpt_root: Path, tmp: Path, final: Path, step: int, traine
     faults.disk_full(step, tmp)
     error: Optional[BaseException] = None
     try:  # each rank fsyncs and hashes a share of the files (every rank sees them all on a shared filesystem)
-        names = sorted(p.name for p in tmp.iterdir())
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())  # engines may nest
         mine = {n: _file_record(tmp / n) for n in names[pdist.rank()::pdist.world_size()]}
     except OSError as err:
         error, mine = err, {}

@@ -19,13 +19,16 @@ from monitoring.skip_step import StepUndo
 
 class NonFiniteGuard:
     def __init__(self, mode: str, max_bad_steps: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, undo: bool = True):
-        """`undo=False` (an engine whose optimizer state the undo cannot reach, e.g. DeepSpeed): detect and count
-        only; mode must then be stop, and the stop saves no checkpoint (the previous one holds the good state)."""
+                 device: torch.device, undo: bool = True, engine_skips: bool = False):
+        """`undo=False`: an engine whose optimizer state the undo cannot reach. Either it skips non-finite steps
+        itself (`engine_skips`, DeepSpeed: a non-finite grad norm leaves parameters and state as they were), or we
+        detect and count only: mode must then be stop, and the stop saves no checkpoint (the previous one holds the
+        good state)."""
         self.mode = mode  # skip: stop after max_bad_steps in a row | stop: stop at the first
         self.limit = 1 if mode == "stop" else max_bad_steps
-        assert undo or mode == "stop", "skipping a step needs the undo"
+        assert undo or engine_skips or mode == "stop", "skipping a step needs the undo"
         self.undo = StepUndo(model, optimizer) if undo else None
+        self.engine_skips = engine_skips
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.streak = torch.zeros_like(self.skipped)  # consecutive bad steps up to now
         self.longest = torch.zeros_like(self.skipped)  # longest streak since the last read
@@ -46,7 +49,7 @@ class NonFiniteGuard:
 
     def poisoned(self) -> bool:
         """Without the undo: did any step apply a non-finite update? (a host read; checkpoint steps only)"""
-        return bool(self.skipped.item() > 0)
+        return not self.engine_skips and bool(self.skipped.item() > 0)
 
     def metrics(self) -> dict:
         """Device values for this logging step; the next window's longest streak starts from the current one."""

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -158,14 +158,14 @@ class Trainer:
                 block.compile()
         engine = build_engine(cfg, model, self.device, self.autocast_dtype)
         model, optimizer = engine.model, engine.optimizer
-        if engine.supports_undo or t.nonfinite != "skip":
-            nonfinite = t.nonfinite
-        else:
+        # Non-finite steps: our device-side undo, or the engine's own skip (DeepSpeed skips a step whose grad norm is
+        # not finite), or, with neither, detection and a stop without saving.
+        skips_itself = getattr(engine, "skips_nonfinite_steps", False)
+        nonfinite = t.nonfinite
+        if nonfinite == "skip" and not (engine.supports_undo or skips_itself):
             nonfinite = "stop"
             log.warning("trainer.nonfinite=skip needs a step undo, which %s cannot do; a non-finite step stops the "
                         "run instead, keeping the last checkpoint as the good state", engine.name)
-        # MoE aux-loss-free balancing moves the expert biases after every step, outside autograd (no-op if dense).
-        optimizer.register_step_post_hook(lambda *_: _unwrapped(model).update_expert_bias())
         counts = count(_unwrapped(model).cfg, cfg.data.seq_len)
         log.info("model %s/%s: %s | attention backend %s | %s", cfg.model.name, cfg.model.attention.variant,
                  counts.table(), backend, engine.describe())
@@ -177,7 +177,7 @@ class Trainer:
             log.info("resumed from %s at step %d", self.resume_from, step)
         undo = engine.supports_undo and nonfinite != "ignore"
         guard = None if nonfinite == "ignore" else NonFiniteGuard(nonfinite, t.max_bad_steps, model, optimizer,
-                                                                   self.device, undo=undo)
+                                                                   self.device, undo=undo, engine_skips=skips_itself)
         if guard is not None and "nonfinite" in trainer_state:
             guard.load_state_dict(trainer_state["nonfinite"])
         if "rng" in trainer_state:
@@ -188,15 +188,23 @@ class Trainer:
         batches = iter(loader)
         eod = tokenizer.eod if cfg.model.attention.doc_mask else None
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        monitors = build_monitors(cfg.monitoring, t.log_interval)
-        if cfg.parallel.tp > 1 and monitors:
-            log.warning("parallel.tp=%d: probe monitors (attention logits, sinks, value RMS) are off, and per-head "
-                        "attention statistics cover this rank's heads only", cfg.parallel.tp)
+        zero3 = cfg.parallel.engine == "deepspeed" and cfg.parallel.deepspeed.zero_stage == 3
+        monitoring = cfg.monitoring
+        if zero3 and monitoring.grad_norms.param_norms:  # ZeRO-3 parameters are empty outside their forward
+            monitoring = replace(monitoring, grad_norms=replace(monitoring.grad_norms, param_norms=False))
+        monitors = build_monitors(monitoring, t.log_interval)
+        probes = cfg.parallel.tp == 1 and not zero3
+        if not probes and monitors:
+            log.warning("%s: probe monitors (attention logits, sinks, value RMS)%s are off%s",
+                        f"parallel.tp={cfg.parallel.tp}" if cfg.parallel.tp > 1 else "DeepSpeed ZeRO-3",
+                        " and parameter norms" if zero3 else "",
+                        ", and per-head attention statistics cover this rank's heads only" if cfg.parallel.tp > 1
+                        else "")
         monitors.insert(0, PreemptionCallback(t.preempt_check_interval, t.requeue))
         ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
                            flops_per_token=counts.flops_per_token, tokens_per_step=tokens_per_step, start_step=step,
                            autocast_dtype=self.autocast_dtype,
-                           probe_tokens=self._probe_batch(valid_ds) if monitors and cfg.parallel.tp == 1 else None,
+                           probe_tokens=self._probe_batch(valid_ds) if monitors and probes else None,
                            named_grads=engine.named_grads)
         saved = trainer_state.get("monitors", {})
         for m in monitors:
@@ -238,6 +246,9 @@ class Trainer:
                 if guard is not None:
                     guard.before_step()
                 grad_norm = engine.optimizer_step(cfg.optim.grad_clip)
+                # MoE aux-loss-free balancing moves the expert biases after every step, outside autograd (no-op if
+                # dense); before the guard, so a skipped step's bias move is undone with it.
+                _unwrapped(model).update_expert_bias()
                 bad = guard.after_step(step_loss, grad_norm) if guard is not None else None
                 engine.zero_grad()
                 step += 1

@@ -28,7 +28,7 @@ class AttentionLogitMonitor(Callback):
         self.last = ctx.cfg.trainer.max_steps
         self.probe = ctx.probe
         if self.probe is None:
-            log.warning("attention-logit monitor: no probe batch (no validation split); monitor inactive")
+            log.warning("attention-logit monitor: no probe batch (no validation split, or turned off by the engine); monitor inactive")
 
     def on_step_start(self, step: int) -> None:
         if self.probe is not None and every(step, self.interval, self.last):

@@ -31,7 +31,7 @@ class AttentionSinkMonitor(Callback):
         self.last = ctx.cfg.trainer.max_steps
         self.probe = ctx.probe
         if self.probe is None:
-            log.warning("attention-sink monitor: no probe batch (no validation split); monitor inactive")
+            log.warning("attention-sink monitor: no probe batch (no validation split, or turned off by the engine); monitor inactive")
 
     def on_step_start(self, step: int) -> None:
         if self.probe is not None and every(step, self.interval, self.last):

@@ -137,8 +137,9 @@ CLI_CASES = {
     # the entry point itself: Hydra's and validate's refusals reach the console as one line
     "CLI: integer given a word": Case(["trainer.max_steps=abc"], "could not be converted to Integer"),
     "CLI: negative learning rate": Case(["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
-    "CLI: WORLD_SIZE not dividing the batch": Case([], "not a multiple of micro_batch_size x world_size = 4 x 3",
-                                                   env={"WORLD_SIZE": "3"}),
+    "CLI: WORLD_SIZE not dividing the batch": Case([], "not a multiple of micro_batch_size x data-parallel ranks = 4 x 3",
+                                                   env={"WORLD_SIZE": "3", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
+    "CLI: WORLD_SIZE without RANK": Case([], "WORLD_SIZE=3 but RANK is not set", env={"WORLD_SIZE": "3"}),
     "CLI: WORLD_SIZE not a number": Case([], "WORLD_SIZE='two' is not a positive integer", env={"WORLD_SIZE": "two"}),
     # hardware
     "attention backend needing a GPU": Case(["model.attention.backend=cudnn"], "backend=cudnn needs a CUDA GPU",

@@ -140,8 +140,16 @@ class DeepSpeedEngine(Engine):
     skips_nonfinite_steps = True  # DeepSpeed itself skips a step whose global grad norm is inf/NaN
 
     def __init__(self, model: nn.Module, cfg, device: torch.device):
+        import importlib
+
         import deepspeed
 
+        if device.type == "cpu":
+            # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at initialize (tens of seconds, needs a C++
+            # toolchain) that only its tensor-parallel inference uses; training all-reduces through gloo without it.
+            comm = importlib.import_module("deepspeed.comm.torch")
+            if hasattr(comm, "build_shm_op"):
+                comm.build_shm_op = lambda: None
         _ensure_env()
         world = pdist.world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
         self.ds_config = deepspeed_config(cfg, world, device.type)

@@ -39,9 +39,10 @@ class DistEnv:
 
 
 def _int(env: dict, key: str) -> int:
-    value = env[key]
-    if not value.isdigit():
-        raise ValueError(f"{key}={value!r} is not a non-negative integer (set by the launcher; unset it for one process)")
+    value, count = env[key], key.endswith(("SIZE", "NTASKS", "NNODES"))
+    if not value.isdigit() or (count and int(value) < 1):
+        kind = "positive" if count else "non-negative"
+        raise ValueError(f"{key}={value!r} is not a {kind} integer (set by the launcher; unset it for one process)")
     return int(value)
 
 
@@ -49,6 +50,9 @@ def detect(env: Optional[dict] = None) -> DistEnv:
     """The launcher's view of this process. SLURM counts only when it ran more than one task and exported a
     rendezvous address (a single `python train.py` inside an allocation is one process)."""
     env = dict(os.environ if env is None else env)
+    if "WORLD_SIZE" in env and "RANK" not in env and _int(env, "WORLD_SIZE") > 1:
+        raise ValueError(f"WORLD_SIZE={env['WORLD_SIZE']} but RANK is not set; start the processes with torchrun "
+                         f"(or srun), or unset WORLD_SIZE for one process")
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
@@ -56,9 +60,9 @@ def detect(env: Optional[dict] = None) -> DistEnv:
         found = DistEnv(rank, world, local, local_world, "torchrun" if world > 1 else "single")
     elif "SLURM_PROCID" in env and env.get("SLURM_NTASKS", "1") != "1" and "MASTER_ADDR" in env:
         world = _int(env, "SLURM_NTASKS")
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        local_world = int(tasks_per_node) if tasks_per_node.isdigit() else world // max(_int(
-            {"n": env.get("SLURM_NNODES", "1")}, "n"), 1)
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # e.g. "8(x4)"
+        nodes = _int(env, "SLURM_NNODES") if "SLURM_NNODES" in env else 1
+        local_world = int(tasks_per_node) if tasks_per_node.isdigit() else max(world // nodes, 1)
         found = DistEnv(_int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID"), local_world, "slurm")
     else:
         return DistEnv()
