@@ -59,6 +59,7 @@ class Engine:
         self.model, self.optimizer = model, optimizer
         self.dp_rank, self.dp_size = dp_rank, dp_size  # this rank's data shard, and how many shards there are
         self.named_grads: Optional[Callable[[], Iterable[tuple[str, torch.Tensor]]]] = None  # None = param.grad
+        self._plans: dict = {}  # index tensors of the sharded grad-norm reduction, built once (no per-step copies)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         loss.backward()
@@ -66,7 +67,7 @@ class Engine:
     def optimizer_step(self, max_norm: float) -> torch.Tensor:
         # The optimizer's own parameters: FSDP2 swaps a module's registered parameters for unsharded copies while
         # it is gathered (e.g. after a no-grad probe forward), so model.parameters() can miss the sharded grads.
-        norm = clip_grad_norm((p for g in self.optimizer.param_groups for p in g["params"]), max_norm)
+        norm = clip_grad_norm((p for g in self.optimizer.param_groups for p in g["params"]), max_norm, self._plans)
         self.optimizer.step()
         return norm
 
@@ -99,7 +100,7 @@ class Engine:
         return "single device"
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, plans: Optional[dict] = None) -> torch.Tensor:
     """Global pre-clip L2 norm over every rank's gradients (plain, DDP-replicated or DTensor shards on any mesh),
     then clip in place; no host synchronisation. A non-finite norm leaves gradients non-finite (the guard skips)."""
     from monitoring.grad_norms import bucket_sum_squares, local_piece
@@ -111,7 +112,7 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
     if pdist.world_size() == 1 and not any(hasattr(p.grad, "to_local") for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
     pieces = [(t, w, (0,)) for t, w in (local_piece(p.grad) for p in params)]
-    norm = bucket_sum_squares(pieces, 1, device)[0].sqrt()
+    norm = bucket_sum_squares(pieces, 1, device, plans)[0].sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
