@@ -133,6 +133,7 @@ class ParallelConfig:
     data_parallel: str = "shard"  # fsdp: shard (FSDP) | hybrid (HSDP) | replicate (DDP semantics)
     shard_group_size: int = 0  # hybrid: ranks per shard group (0 = GPUs per node)
     tp: int = 1  # tensor-parallel degree (innermost mesh dimension; divides model.n_kv_heads)
+    ep: int = 1  # expert-parallel degree (MoE): experts split over groups of ep data-parallel ranks (fsdp engine)
     reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (ZeRO-3) or keep them
     activation_checkpoint: str = "none"  # none | full (every block) | selective (every `ac_every`-th block)
     ac_every: int = 2  # selective: checkpoint blocks 0, k, 2k, ...
@@ -361,6 +362,16 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         from diffv2.parallel.tensor import validate_tp
 
         validate_tp(cfg.model, p.tp)
+    _positive("parallel.ep", p.ep)
+    if p.ep > 1:
+        dp = world_size // p.tp
+        if p.engine != "fsdp" or p.data_parallel != "shard" or p.tp > 1:
+            raise ValueError(f"parallel.ep={p.ep} needs parallel.engine=fsdp with data_parallel=shard and tp=1")
+        if cfg.model.moe.n_experts == 0:
+            raise ValueError(f"parallel.ep={p.ep} needs an MoE model (model.moe.n_experts > 0); set parallel.ep=1")
+        if dp % p.ep or cfg.model.moe.n_experts % p.ep:
+            raise ValueError(f"parallel.ep={p.ep} must divide the {dp} data-parallel ranks and model.moe.n_experts="
+                             f"{cfg.model.moe.n_experts}")
     if p.data_parallel == "hybrid" and p.shard_group_size and (world_size // p.tp) % p.shard_group_size:
         raise ValueError(f"parallel.shard_group_size={p.shard_group_size} does not divide the "
                          f"{world_size // p.tp} data-parallel ranks; use a divisor (usually the GPUs per node)")

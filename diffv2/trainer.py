@@ -124,6 +124,13 @@ class Trainer:
                     f"order depends on it (train_samples = max_steps x global_batch_size), so resume with the original "
                     f"settings or start a new run_name"
                 )
+        if meta.get("ep", 1) != self.cfg.parallel.ep or meta.get("engine", "fsdp") != self.cfg.parallel.engine:
+            raise ValueError(
+                f"checkpoint {self.resume_from} was written with parallel.engine={meta.get('engine', 'fsdp')} "
+                f"parallel.ep={meta.get('ep', 1)}; this run has parallel.engine={self.cfg.parallel.engine} "
+                f"parallel.ep={self.cfg.parallel.ep}. Resume with the same engine and expert parallelism (the number "
+                f"of GPUs may change for fsdp)"
+            )
         if diff:
             k = diff[0]
             raise ValueError(
@@ -300,7 +307,8 @@ class Trainer:
                             self.ckpt_root, step, engine, trainer_state=state,
                             meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
                                   "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
-                                  "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size},
+                                  "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size,
+                                  "engine": cfg.parallel.engine, "ep": cfg.parallel.ep},
                             keep_last=t.keep_last, async_save=cfg.parallel.async_checkpoint and not (last or stop),
                         )
                     except checkpoint.DiskFullError as err:

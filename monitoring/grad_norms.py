@@ -72,6 +72,19 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+_DISJOINT: dict = {}  # mesh -> how many groups of ranks outside it hold disjoint values (expert parallelism)
+
+
+def _mesh_key(mesh) -> tuple:
+    return (mesh.device_type, tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
+
+
+def mark_disjoint_mesh(mesh, groups: int) -> None:
+    """DTensors on `mesh` hold different values on `groups` groups of ranks outside it (e.g. the ep ranks that
+    hold other experts), so their norms add over those ranks instead of counting replicas."""
+    _DISJOINT[_mesh_key(mesh)] = groups
+
+
 def local_piece(t) -> tuple[torch.Tensor, float]:
     """This rank's values of t and the weight of their sum of squares in a world-wide SUM (see module doc)."""
     if isinstance(t, ShardedLocal):
@@ -80,8 +93,9 @@ def local_piece(t) -> tuple[torch.Tensor, float]:
         if any(isinstance(p, Partial) for p in t.placements):
             raise ValueError("grad norms need reduced gradients; got a DTensor with a Partial placement")
         # Replicated along its Replicate mesh dims, and over every rank outside its mesh (e.g. embeddings sharded
-        # over the data-parallel mesh are the same on each tensor-parallel rank).
-        replicas = _world() // t.device_mesh.size()
+        # over the data-parallel mesh are the same on each tensor-parallel rank), except where the ranks outside
+        # hold different values (expert parallelism: other experts).
+        replicas = _world() // t.device_mesh.size() // _DISJOINT.get(_mesh_key(t.device_mesh), 1)
         for dim, p in enumerate(t.placements):
             if isinstance(p, Replicate):
                 replicas *= t.device_mesh.size(dim)

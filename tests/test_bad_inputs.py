@@ -66,6 +66,11 @@ CONFIG_CASES = {
     "TP degree not dividing KV heads": (["parallel.tp=2", "model.n_kv_heads=1"], 2,
                                         "tensor parallel degree tp=2 must divide n_kv_heads=1"),
     "TP with DeepSpeed": (["parallel.tp=2", "parallel=zero2"], 2, "parallel.tp=2 needs parallel.engine=fsdp"),
+    "expert parallelism on a dense model": (["parallel.ep=2"], 2, "parallel.ep=2 needs an MoE model"),
+    "expert parallelism not dividing the experts": (["model=moe_tiny", "parallel.ep=3", "trainer.micro_batch_size=1",
+                                                     "trainer.global_batch_size=3", "trainer.eval_batches=3"], 3,
+                                                    "parallel.ep=3 must divide the 3 data-parallel ranks and "
+                                                    "model.moe.n_experts=8"),
     "unknown engine": (["parallel.engine=megatron"], 1, "parallel.engine='megatron' is not one of fsdp, deepspeed"),
     "unknown data-parallel layout": (["parallel.data_parallel=zero"], 1, "parallel.data_parallel='zero' is not one of"),
     "HSDP group not dividing the ranks": (["parallel=hsdp", "parallel.shard_group_size=3", "trainer.micro_batch_size=2"],

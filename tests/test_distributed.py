@@ -284,3 +284,23 @@ def test_gpu_fsdp2_with_compile_and_activation_checkpointing(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses  # it learns
     for step, (loss, _) in a["train"].items():
         assert b["train"][step][0] == pytest.approx(loss, rel=2e-2), f"step {step}"
+
+
+def test_expert_parallel_with_fsdp2_trains_like_one_and_resumes(tmp_path, reference):
+    """MoE with parallel.ep=2 on 2 ranks (each holds half the experts, tokens travel by all-to-all, every other
+    parameter FSDP2-sharded): the same training as one process, also across a lost rank and a resume. Balance
+    losses are off: the global-batch aux loss balances over all ranks' tokens at once, one process over each
+    micro-batch, so they legitimately differ."""
+    _, cache = reference
+    moe = ["model=moe_tiny", "model.vocab_size=264", "model.moe.balance=none"]
+    one, killed = side_by_side(lambda: single(tmp_path / "one", cache, *moe),
+                               lambda: torchrun(tmp_path / "ep", cache, *moe, "parallel.ep=2", fault="rank_kill:5",
+                                                fault_rank=1))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert killed.returncode != 0
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ep/checkpoints")] == ["step_00000003"]
+    resumed = torchrun(tmp_path / "ep", cache, *moe, "parallel.ep=2")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "ep")
+    other_ep = single(tmp_path / "ep", cache, *moe)
+    assert other_ep.returncode == 2 and "parallel.ep=2" in error_line(other_ep)

@@ -76,25 +76,31 @@ class Engine:
 
     def state_bytes(self) -> int:
         """Bytes this rank will write for model + optimizer (a lower bound; formats add metadata)."""
-        return _tensor_bytes(get_state_dict(self.model, self.optimizer))
+        return _tensor_bytes(self._state())
+
+    def _state(self) -> dict:
+        """{"model": ..., "optim": ...} as DCP saves and loads them (fully qualified names as keys)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _set_state(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def save(self, directory: Path, async_ok: bool = False) -> None:
         """Write this rank's model and optimizer shards into `directory` (collective)."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         with warnings.catch_warnings():  # DCP warns that it runs without a process group on one device
             warnings.simplefilter("ignore")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+            dcp.save(self._state(), checkpoint_id=str(directory))
 
     def wait(self) -> None:
         """Block until an asynchronous save has finished writing (no-op for synchronous engines)."""
 
     def load(self, directory: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = self._state()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             safe_load.dcp_load(state, directory)  # stock dcp.load unpickles .metadata unrestricted
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._set_state(state)
 
     def describe(self) -> str:
         return "single device"
@@ -139,6 +145,12 @@ class FSDPEngine(Engine):
             apply_tensor_parallel(model, mesh["tp"])
         dp_mesh = mesh["dp_replicate", "dp_shard"] if replicate > 1 else mesh["dp_shard"]  # 2-D = HSDP
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # Under expert parallelism each ep rank's experts are different tensors under the same names: checkpoints
+        # keep them apart by name (".ep<rank>of<ep>"), so an EP checkpoint resumes with the same parallel.ep.
+        self.ep_suffix = ""
+        if p.ep > 1:
+            ep_rank = self._shard_experts(model, device, dp, p, policy)
+            self.ep_suffix = f".ep{ep_rank}of{p.ep}"
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
@@ -149,9 +161,36 @@ class FSDPEngine(Engine):
         self.layout = f"{p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}"
         self._pending = None
 
+    @staticmethod
+    def _shard_experts(model: nn.Module, device: torch.device, dp: int, p, policy) -> None:
+        """Expert parallelism composed with FSDP2 (torchtitan's dp_mod_ep): the dp ranks form (dp/ep, ep); each of
+        the ep ranks of a group holds E/ep experts (tokens reach them by all-to-all, diffv2/parallel/expert.py), and
+        the dp/ep ranks holding the same experts FSDP-shard them. Every other parameter is sharded over all dp ranks.
+        An expert's gradient sums the losses of its ep group, so its reduction divides by dp, not dp/ep."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from diffv2.parallel.expert import apply_expert_parallel
+        from monitoring.grad_norms import mark_disjoint_mesh
+
+        ep_mesh = init_device_mesh(device.type, (dp // p.ep, p.ep), mesh_dim_names=("dp_mod_ep", "ep"))
+        apply_expert_parallel(model, ep_mesh["ep"].get_group())
+        experts_mesh = ep_mesh["dp_mod_ep"]
+        for moe in model.moe_layers():
+            fully_shard(moe.experts, mesh=experts_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
+            moe.experts.set_gradient_divide_factor(float(dp))
+        mark_disjoint_mesh(experts_mesh, p.ep)  # grad norms: the ep ranks outside this mesh hold other experts
+        return ep_mesh["ep"].get_local_rank()
+
+    def _state(self) -> dict:
+        state = super()._state()
+        return _rename_experts(state, self.ep_suffix, to_file=True) if self.ep_suffix else state
+
+    def _set_state(self, state: dict) -> None:
+        super()._set_state(_rename_experts(state, self.ep_suffix, to_file=False) if self.ep_suffix else state)
+
     def save(self, directory: Path, async_ok: bool = False) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = self._state()
         if async_ok:
             self._pending = dcp.async_save(state, checkpoint_id=str(directory))
         else:
@@ -164,6 +203,20 @@ class FSDPEngine(Engine):
 
     def describe(self) -> str:
         return f"FSDP2 {self.layout}, {pdist.world_size()} ranks"
+
+
+def _rename_experts(state: dict, suffix: str, to_file: bool) -> dict:
+    """Expert parameter names (".experts." in the name) gain `suffix` on the way to a file and lose it on the way
+    back, in the model state dict and in the optimizer's (its per-parameter state and its param_groups)."""
+    def name(fqn: str) -> str:
+        if ".experts." not in fqn:
+            return fqn
+        return fqn + suffix if to_file else fqn.removesuffix(suffix)
+
+    optim = dict(state["optim"])
+    optim["state"] = {name(k): v for k, v in optim["state"].items()}
+    optim["param_groups"] = [{**g, "params": [name(k) for k in g["params"]]} for g in optim["param_groups"]]
+    return {"model": {name(k): v for k, v in state["model"].items()}, "optim": optim}
 
 
 def _dp_layout(mode: str, dp: int, group: int) -> tuple[int, int]:
