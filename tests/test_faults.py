@@ -192,7 +192,7 @@ def test_damaged_checkpoint_is_skipped_with_a_clear_warning(runs, chain, index):
 def test_kill_inside_a_save_leaves_its_temporary_directory_until_the_next_save(runs):
     chain = runs["training and checkpoint writes"]
     assert [len(o.temp_dirs_after) for o in chain[2:5]] == [1, 1, 0]
-    assert chain[2].temp_dirs_after[0].startswith(".tmp_step_00000004_")
+    assert chain[2].temp_dirs_after == [".tmp_step_00000004"]  # one name on every rank (no pid suffix)
 
 
 @pytest.mark.parametrize("chain", list(CHAINS))
