@@ -134,6 +134,8 @@ class ParallelConfig:
     shard_group_size: int = 0  # hybrid: ranks per shard group (0 = GPUs per node)
     tp: int = 1  # tensor-parallel degree (innermost mesh dimension; divides model.n_kv_heads)
     ep: int = 1  # expert-parallel degree (MoE): experts split over groups of ep data-parallel ranks (fsdp engine)
+    meta_init: bool = False  # build the model on the meta device, shard it, then allocate and draw only this rank's
+    # shards (identical weights; needed when the fp32 model does not fit one GPU, e.g. moe_30a3); engine fsdp only
     reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (ZeRO-3) or keep them
     activation_checkpoint: str = "none"  # none | full (every block) | selective (every `ac_every`-th block)
     ac_every: int = 2  # selective: checkpoint blocks 0, k, 2k, ...
@@ -382,6 +384,8 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             raise ValueError(f"parallel.deepspeed.config_file={p.deepspeed.config_file!r} does not exist")
         if p.async_checkpoint:
             raise ValueError("parallel.async_checkpoint applies to engine=fsdp (DCP); DeepSpeed saves synchronously")
+        if p.meta_init:
+            raise ValueError("parallel.meta_init applies to engine=fsdp; DeepSpeed builds the model itself")
 
 
 def validate_moe(m: ModelConfig) -> None:

@@ -73,19 +73,55 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """N(0, init_std) everywhere; residual output projections / sqrt(2L); same for every variant (spec A3/A4)."""
+        """N(0, init_std) everywhere; residual output projections / sqrt(2L); same for every variant (spec A3/A4).
+
+        The draws come from a CPU generator seeded with `torch.initial_seed()` (the run's seed), not from the
+        global stream that module constructors have advanced by then, so a meta-device build (whose constructors
+        draw nothing) gets the same weights. Parameters that are shards (DTensors of FSDP2 / TP, expert-parallel
+        slices) are drawn in full on the CPU, in the same order as an unsharded build, and this rank keeps its
+        piece: the initial weights are bit-identical whatever the layout."""
+        gen = torch.Generator().manual_seed(torch.initial_seed())
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scale_residual_init else std
+        expert_slices = {f"blocks.{i}.mlp.experts.": b.mlp.expert_slice for i, b in enumerate(self.blocks)
+                         if isinstance(b.mlp, MoE) and b.mlp.expert_slice is not None}
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue  # a meta-device build draws nothing now; `materialize` draws later, in this same order
+            name = name.replace("_checkpoint_wrapped_module.", "")
             if p.ndim < 2:
                 if name.endswith(("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")):
-                    nn.init.normal_(p, std=0.1)  # DIFF V1 reference init (spec §3)
+                    init = lambda t: nn.init.normal_(t, std=0.1, generator=gen)  # noqa: E731 - DIFF V1 init (spec §3)
                 else:
-                    nn.init.ones_(p)  # norm weights
+                    init = nn.init.ones_  # norm weights
             elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
-                nn.init.normal_(p, std=out_std)
+                init = lambda t: nn.init.normal_(t, std=out_std, generator=gen)  # noqa: E731
             else:
-                nn.init.normal_(p, std=std)
+                init = lambda t: nn.init.normal_(t, std=std, generator=gen)  # noqa: E731
+            sliced = next((s for prefix, s in expert_slices.items() if name.startswith(prefix)), None)
+            if not hasattr(p, "to_local") and sliced is None and p.device.type == "cpu":
+                init(p)  # the plain single-device build
+                continue
+            full_shape = p.shape if sliced is None else (self.cfg.moe.n_experts, *p.shape[1:])
+            full = init(torch.empty(full_shape, dtype=p.dtype, device="cpu"))
+            if sliced is not None:
+                full = full[sliced[0]:sliced[1]]
+            if hasattr(p, "to_local"):
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(full)
+
+    def materialize(self, device: torch.device) -> None:
+        """After a build under `torch.device("meta")` (and any sharding): allocate on `device`, recompute the
+        buffers, draw the weights (as `init_weights`: identical to a normal build)."""
+        self.to_empty(device=device)
+        from diffv2.rope import RotaryEmbedding
+
+        for module in self.modules():
+            if isinstance(module, (RotaryEmbedding, MoE)):
+                module.reset_buffers()
+        self.init_weights()
 
     def set_activation_checkpointing(self, mode: str, every: int = 2) -> None:
         """none | full (every block) | selective (blocks 0, every, 2*every, ...): those blocks keep only their

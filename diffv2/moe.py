@@ -116,9 +116,16 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)  # monitor window
         self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)  # bias update
         self.dispatch: Dispatch = local_dispatch
+        self.expert_slice: Optional[tuple[int, int]] = None  # under expert parallelism: this rank's experts [lo, hi)
         self.balance_group: Optional[dist.ProcessGroup] = None  # None = the default group once initialised
         self.router_loss: Optional[torch.Tensor] = None  # weighted aux + z loss of the last forward
         self.last_aux_loss = self.last_z_loss = None
+
+    def reset_buffers(self) -> None:
+        """Routing state back to its start (zeros), also after a meta-device build is materialised."""
+        for buf in (self.expert_bias, self.tokens_per_expert, self.load_since_update):
+            if not buf.is_meta:
+                buf.zero_()
 
     @property
     def moe_stats(self) -> dict:

@@ -16,12 +16,21 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"model.head_dim={head_dim} must be even for RoPE")
-        self.style, self.max_seq_len = style, max_seq_len
-        inv_freq_F = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angle_NF = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq_F[None, :]
+        self.style, self.max_seq_len, self.head_dim, self.theta = style, max_seq_len, head_dim, theta
         # fp32 tables, not saved in checkpoints: they are a pure function of the config.
-        self.register_buffer("cos_NF", angle_NF.cos().float(), persistent=False)
-        self.register_buffer("sin_NF", angle_NF.sin().float(), persistent=False)
+        self.register_buffer("cos_NF", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin_NF", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the tables in place (also after a meta-device build is materialised)."""
+        if self.cos_NF.is_meta:
+            return
+        inv_freq_F = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        angle_NF = torch.arange(self.max_seq_len, dtype=torch.float64)[:, None] * inv_freq_F[None, :]
+        with torch.no_grad():
+            self.cos_NF.copy_(angle_NF.cos())
+            self.sin_NF.copy_(angle_NF.sin())
 
     def forward(self, x_BNHD: torch.Tensor, offset: int = 0) -> torch.Tensor:
         n = x_BNHD.shape[1]

@@ -158,12 +158,16 @@ class Trainer:
                          "valid": t.eval_batches * t.micro_batch_size},
         )
         backend = self.backend
-        model = Transformer(cfg.model, backend).to(self.device)  # same seed on every rank: identical init
+        if cfg.parallel.meta_init:  # no memory until the engine has sharded it (then model.materialize)
+            with torch.device("meta"):
+                model = Transformer(cfg.model, backend)
+        else:
+            model = Transformer(cfg.model, backend).to(self.device)  # same seed on every rank: identical init
         model.set_activation_checkpointing(cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
         if t.compile:
             for block in model.blocks:
                 block.compile()
-        engine = build_engine(cfg, model, self.device, self.autocast_dtype)
+        engine = build_engine(cfg, model, self.device, self.autocast_dtype, materialize=cfg.parallel.meta_init)
         model, optimizer = engine.model, engine.optimizer
         # Non-finite steps: our device-side undo, or the engine's own skip (DeepSpeed skips a step whose grad norm is
         # not finite), or, with neither, detection and a stop without saving.

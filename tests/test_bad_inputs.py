@@ -71,6 +71,8 @@ CONFIG_CASES = {
                                                      "trainer.global_batch_size=3", "trainer.eval_batches=3"], 3,
                                                     "parallel.ep=3 must divide the 3 data-parallel ranks and "
                                                     "model.moe.n_experts=8"),
+    "meta init with DeepSpeed": (["parallel=zero2", "parallel.meta_init=true"], 1,
+                                 "parallel.meta_init applies to engine=fsdp"),
     "unknown engine": (["parallel.engine=megatron"], 1, "parallel.engine='megatron' is not one of fsdp, deepspeed"),
     "unknown data-parallel layout": (["parallel.data_parallel=zero"], 1, "parallel.data_parallel='zero' is not one of"),
     "HSDP group not dividing the ranks": (["parallel=hsdp", "parallel.shard_group_size=3", "trainer.micro_batch_size=2"],

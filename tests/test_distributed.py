@@ -71,10 +71,11 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", [
     ["parallel.data_parallel=shard"],
     ["parallel.data_parallel=replicate", "parallel.activation_checkpoint=full"],
-    ["parallel.data_parallel=hybrid", "parallel.shard_group_size=1", "parallel.activation_checkpoint=selective"],
+    ["parallel.data_parallel=hybrid", "parallel.shard_group_size=1", "parallel.activation_checkpoint=selective",
+     "parallel.meta_init=true"],
     ["parallel=zero2"],
     ["parallel=zero3"],
-], ids=["fsdp", "ddp+ac_full", "hsdp+ac_selective", "deepspeed_zero2", "deepspeed_zero3"])
+], ids=["fsdp", "ddp+ac_full", "hsdp+ac_selective+meta_init", "deepspeed_zero2", "deepspeed_zero3"])
 def test_two_ranks_train_like_one(reference, tmp_path, layout):
     ref, cache = reference
     proc = torchrun(tmp_path / "two", cache, *layout)
@@ -293,13 +294,13 @@ def test_expert_parallel_with_fsdp2_trains_like_one_and_resumes(tmp_path, refere
     micro-batch, so they legitimately differ."""
     _, cache = reference
     moe = ["model=moe_tiny", "model.vocab_size=264", "model.moe.balance=none"]
+    ep = ["parallel.ep=2", "parallel.meta_init=true"]  # each rank draws only its experts, as the full model would
     one, killed = side_by_side(lambda: single(tmp_path / "one", cache, *moe),
-                               lambda: torchrun(tmp_path / "ep", cache, *moe, "parallel.ep=2", fault="rank_kill:5",
-                                                fault_rank=1))
+                               lambda: torchrun(tmp_path / "ep", cache, *moe, *ep, fault="rank_kill:5", fault_rank=1))
     assert one.returncode == 0, one.stderr[-3000:]
     assert killed.returncode != 0
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ep/checkpoints")] == ["step_00000003"]
-    resumed = torchrun(tmp_path / "ep", cache, *moe, "parallel.ep=2")
+    resumed = torchrun(tmp_path / "ep", cache, *moe, *ep)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     assert_same_training(tmp_path / "one", tmp_path / "ep")
     other_ep = single(tmp_path / "ep", cache, *moe)

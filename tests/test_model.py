@@ -517,3 +517,33 @@ def test_resolve_backend_on_cpu():
         with pytest.raises(ValueError, match="CUDA") as exc:
             resolve_backend(backend, cpu, False)
         assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("variant", ["diffv2", "baseline", "diffv1"])
+@pytest.mark.parametrize("moe", [False, True])
+def test_meta_device_build_materialises_to_the_same_model(variant, moe):
+    """parallel.meta_init: a model built on the meta device and materialised draws the same weights and computes
+    the same buffers (RoPE tables, MoE routing state) as a normal build with the same seed."""
+    from dataclasses import replace
+
+    from diffv2.config import MoEConfig
+
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128, vocab_size=96,
+                      max_seq_len=64, attention=AttentionConfig(variant=variant))
+    if moe:
+        cfg = replace(cfg, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32, balance="aux_free"))
+    torch.manual_seed(7)
+    normal = Transformer(cfg)
+    torch.manual_seed(7)
+    with torch.device("meta"):
+        lazy = Transformer(cfg)
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.materialize(torch.device("cpu"))
+    a, b = normal.state_dict(), lazy.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for (name, x), y in zip(normal.named_buffers(), lazy.buffers()):
+        assert torch.equal(x, y), name
+    torch.manual_seed(8)
+    assert not torch.equal(Transformer(cfg).embed.weight, normal.embed.weight)  # the seed matters

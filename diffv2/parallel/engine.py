@@ -129,7 +129,8 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, plans: Optio
 class FSDPEngine(Engine):
     name = "fsdp"
 
-    def __init__(self, model: nn.Module, optimizer_builder, cfg, device: torch.device, param_dtype):
+    def __init__(self, model: nn.Module, optimizer_builder, cfg, device: torch.device, param_dtype,
+                 materialize: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -156,6 +157,8 @@ class FSDPEngine(Engine):
         fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
         for method in ("loss", "hidden"):
             register_fsdp_forward_method(model, method)
+        if materialize:
+            model.materialize(device)
         # Mesh ranks are row-major over (dp_replicate, dp_shard, tp): the ranks of one TP group read the same data.
         super().__init__(model, optimizer_builder(model), pdist.rank() // p.tp, dp)
         self.layout = f"{p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}"
@@ -232,9 +235,10 @@ def _dp_layout(mode: str, dp: int, group: int) -> tuple[int, int]:
     return dp // group, group
 
 
-def build_engine(cfg, model: nn.Module, device: torch.device, param_dtype=None) -> Engine:
+def build_engine(cfg, model: nn.Module, device: torch.device, param_dtype=None, materialize: bool = False) -> Engine:
     """Wrap `model` (already on `device`) for cfg.parallel and build its optimizer; `param_dtype` is the compute
-    dtype FSDP casts parameters to (bf16 when training in bf16, else None = the stored fp32)."""
+    dtype FSDP casts parameters to (bf16 when training in bf16, else None = the stored fp32). `materialize`: the
+    model was built on the meta device; it is allocated and initialised after sharding, before the optimizer."""
     p = cfg.parallel
     builder = lambda m: build_optimizer(m, cfg.optim, device)  # noqa: E731 - the optimizer must see wrapped params
     if p.engine == "deepspeed":
@@ -242,5 +246,7 @@ def build_engine(cfg, model: nn.Module, device: torch.device, param_dtype=None) 
 
         return DeepSpeedEngine(model, cfg, device)
     if pdist.world_size() == 1 and p.tp == 1:
+        if materialize:
+            model.materialize(device)
         return Engine(model, builder(model))
-    return FSDPEngine(model, builder, cfg, device, param_dtype)
+    return FSDPEngine(model, builder, cfg, device, param_dtype, materialize)

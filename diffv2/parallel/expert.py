@@ -75,3 +75,4 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
             shard = w.detach()[rank * n_local:(rank + 1) * n_local].clone()
             setattr(moe.experts, name, nn.Parameter(shard, requires_grad=w.requires_grad))
         moe.dispatch = ExpertParallelDispatch(group)
+        moe.expert_slice = (rank * n_local, (rank + 1) * n_local)  # what a meta-device init draws in full, then keeps
