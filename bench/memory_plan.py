@@ -16,7 +16,8 @@ expert_hidden): norms 2M, q/k/v/o inputs and outputs ~ (M + Q*D + 2*K*D + H*D), 
 kernel's log-sum-exp, router logits (E fp32), dispatched tokens top_k*M twice (there and back), expert
 intermediates 3F. A rough upper-ish bound: allocator fragmentation, NCCL buffers and the all-to-all receive
 buffers under imbalance come on top, so the plan leaves >= 10% headroom before calling a layout feasible.
-Results (table + JSON) go to bench/results/memory-plan-<preset>.json.
+Model construction itself needs `parallel.meta_init=true` for such presets (otherwise every rank first builds the
+whole fp32 model on its GPU). Results (table + JSON) go to bench/results/memory-plan-<preset>.json.
 """
 
 from __future__ import annotations
