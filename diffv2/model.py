@@ -75,12 +75,9 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """N(0, init_std) everywhere; residual output projections / sqrt(2L); same for every variant (spec A3/A4).
 
-        The draws come from a CPU generator seeded with `torch.initial_seed()` (the run's seed), not from the
-        global stream that module constructors have advanced by then, so a meta-device build (whose constructors
-        draw nothing) gets the same weights. Parameters that are shards (DTensors of FSDP2 / TP, expert-parallel
-        slices) are drawn in full on the CPU, in the same order as an unsharded build, and this rank keeps its
-        piece: the initial weights are bit-identical whatever the layout."""
-        gen = torch.Generator().manual_seed(torch.initial_seed())
+        Parameters that are shards (DTensors of FSDP2 / TP, expert-parallel slices after a meta-device build) are
+        drawn in full on the CPU from the global generator, in the same order as an unsharded build, and this rank
+        keeps its piece: the initial weights are bit-identical whatever the layout."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scale_residual_init else std
         expert_slices = {f"blocks.{i}.mlp.experts.": b.mlp.expert_slice for i, b in enumerate(self.blocks)
@@ -91,13 +88,13 @@ class Transformer(nn.Module):
             name = name.replace("_checkpoint_wrapped_module.", "")
             if p.ndim < 2:
                 if name.endswith(("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")):
-                    init = lambda t: nn.init.normal_(t, std=0.1, generator=gen)  # noqa: E731 - DIFF V1 init (spec §3)
+                    init = lambda t: nn.init.normal_(t, std=0.1)  # noqa: E731 - DIFF V1 reference init (spec §3)
                 else:
                     init = nn.init.ones_  # norm weights
             elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
-                init = lambda t: nn.init.normal_(t, std=out_std, generator=gen)  # noqa: E731
+                init = lambda t: nn.init.normal_(t, std=out_std)  # noqa: E731
             else:
-                init = lambda t: nn.init.normal_(t, std=std, generator=gen)  # noqa: E731
+                init = lambda t: nn.init.normal_(t, std=std)  # noqa: E731
             sliced = next((s for prefix, s in expert_slices.items() if name.startswith(prefix)), None)
             if not hasattr(p, "to_local") and sliced is None and p.device.type == "cpu":
                 init(p)  # the plain single-device build
@@ -112,10 +109,22 @@ class Transformer(nn.Module):
                 full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             (p.to_local() if hasattr(p, "to_local") else p).copy_(full)
 
+    def _replay_constructor_draws(self) -> None:
+        """A normal build's nn.Linear / nn.Embedding constructors draw their default init from the global generator
+        before `init_weights` overwrites it; on the meta device they draw nothing. Constructing the same layers
+        again on the CPU, one at a time in construction order, advances the generator exactly as the normal build
+        did, so `init_weights` then draws the same numbers (checked by tests/test_model.py)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="cpu")
+            elif isinstance(m, nn.Embedding):
+                nn.Embedding(m.num_embeddings, m.embedding_dim, device="cpu")
+
     def materialize(self, device: torch.device) -> None:
         """After a build under `torch.device("meta")` (and any sharding): allocate on `device`, recompute the
         buffers, draw the weights (as `init_weights`: identical to a normal build)."""
         self.to_empty(device=device)
+        self._replay_constructor_draws()
         from diffv2.rope import RotaryEmbedding
 
         for module in self.modules():
