@@ -59,13 +59,37 @@ class ActivationMonitor(Callback):
         if not every(step, self.interval, self.last):
             return {}
         self.hub.unwatch(self.name)
+        layers = sorted(self._per_layer)
+        if not layers:
+            return {}
+        per = [self._per_layer[layer] for layer in layers]
+        tops_LK = torch.stack([torch.cat([s["top_k"] for s in stats]).topk(len(stats[0]["top_k"])).values
+                               for stats in per])
+        means_L2 = torch.stack([torch.stack([torch.stack([s[k] for s in stats]).mean()
+                                             for k in ("kurtosis", "frac_gt_6std")]) for stats in per])
+        tops_LK, means_L2 = _over_ranks(tops_LK, means_L2)
         metrics = {}
-        for layer, stats in sorted(self._per_layer.items()):
-            top = torch.cat([s["top_k"] for s in stats]).topk(len(stats[0]["top_k"])).values
-            tag = f"L{layer:02d}"
+        for i, layer in enumerate(layers):
+            tag, top = f"L{layer:02d}", tops_LK[i]
             metrics[f"act/max_abs/{tag}"] = top[0]
             metrics.update({f"act/top{j + 1}_abs/{tag}": top[j] for j in range(1, len(top))})
-            metrics[f"act/kurtosis/{tag}"] = torch.stack([s["kurtosis"] for s in stats]).mean()
-            metrics[f"act/frac_gt_6std/{tag}"] = torch.stack([s["frac_gt_6std"] for s in stats]).mean()
+            metrics[f"act/kurtosis/{tag}"] = means_L2[i, 0]
+            metrics[f"act/frac_gt_6std/{tag}"] = means_L2[i, 1]
         self._per_layer = {}
         return metrics
+
+
+def _over_ranks(tops_LK: torch.Tensor, means_L2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data parallelism: the top-k over every rank's tokens, the mean of the ranks' means (device collectives,
+    queued without a host wait; tensor-parallel peers hold the same activations, which changes neither)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tops_LK, means_L2
+    gathered = [torch.empty_like(tops_LK) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tops_LK.contiguous())
+    k = tops_LK.shape[1]
+    tops_LK = torch.cat(gathered, dim=1).topk(k, dim=1).values
+    means_L2 = means_L2.clone()
+    dist.all_reduce(means_L2)
+    return tops_LK, means_L2 / dist.get_world_size()

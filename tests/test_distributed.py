@@ -48,12 +48,14 @@ def assert_same_training(a: Path, b: Path, rel: float = 2e-5, param_norms: bool 
         assert tb["train"][step][1] == pytest.approx(norm, rel=10 * rel), f"grad norm at step {step}"
     for step, val in ta["val"].items():
         assert tb["val"][step] == pytest.approx(val, rel=rel), f"validation loss at step {step}"
-    # The grad-norm monitor's per-kind and per-layer norms are global over the shards (issue: monitoring, point 2).
+    # The grad-norm monitor's per-kind and per-layer norms are global over the shards (issue: monitoring, point 2),
+    # and so are the residual-stream maxima (every rank's tokens).
     rows_a = {m["step"]: m for m in metrics(a) if "grad/norm_kind/q" in m}
     rows_b = {m["step"]: m for m in metrics(b) if "grad/norm_kind/q" in m}
     assert rows_a and rows_a.keys() == rows_b.keys()
     for step, row in rows_a.items():
-        kinds = ("grad/norm_kind/", "grad/norm_layer/") + (("grad/param_norm",) if param_norms else ())
+        kinds = ("grad/norm_kind/", "grad/norm_layer/", "act/max_abs/", "act/top2_abs/", "act/top3_abs/")
+        kinds += ("grad/param_norm",) if param_norms else ()
         for key in (k for k in row if k.startswith(kinds)):
             assert rows_b[step][key] == pytest.approx(row[key], rel=10 * rel, abs=1e-7), f"{key} at step {step}"
 
