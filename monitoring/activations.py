@@ -43,6 +43,7 @@ class ActivationMonitor(Callback):
     def on_train_start(self, ctx: TrainContext) -> None:
         self.last = ctx.cfg.trainer.max_steps
         self.hub = ctx.observers
+        self.tp = getattr(getattr(ctx.cfg, "parallel", None), "tp", 1)  # ranks per tensor-parallel group
 
     def on_step_start(self, step: int) -> None:
         if every(step, self.interval, self.last):
@@ -67,7 +68,7 @@ class ActivationMonitor(Callback):
                                for stats in per])
         means_L2 = torch.stack([torch.stack([torch.stack([s[k] for s in stats]).mean()
                                              for k in ("kurtosis", "frac_gt_6std")]) for stats in per])
-        tops_LK, means_L2 = _over_ranks(tops_LK, means_L2)
+        tops_LK, means_L2 = _over_ranks(tops_LK, means_L2, self.tp)
         metrics = {}
         for i, layer in enumerate(layers):
             tag, top = f"L{layer:02d}", tops_LK[i]
@@ -79,9 +80,10 @@ class ActivationMonitor(Callback):
         return metrics
 
 
-def _over_ranks(tops_LK: torch.Tensor, means_L2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _over_ranks(tops_LK: torch.Tensor, means_L2: torch.Tensor, tp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Data parallelism: the top-k over every rank's tokens, the mean of the ranks' means (device collectives,
-    queued without a host wait; tensor-parallel peers hold the same activations, which changes neither)."""
+    queued without a host wait). The `tp` ranks of a tensor-parallel group hold the same activations: one copy of
+    each group enters the top-k (ranks are tp-innermost); the mean is unchanged by the equal copies."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -89,7 +91,7 @@ def _over_ranks(tops_LK: torch.Tensor, means_L2: torch.Tensor) -> tuple[torch.Te
     gathered = [torch.empty_like(tops_LK) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tops_LK.contiguous())
     k = tops_LK.shape[1]
-    tops_LK = torch.cat(gathered, dim=1).topk(k, dim=1).values
+    tops_LK = torch.cat(gathered[::tp], dim=1).topk(k, dim=1).values
     means_L2 = means_L2.clone()
     dist.all_reduce(means_L2)
     return tops_LK, means_L2 / dist.get_world_size()
