@@ -11,7 +11,6 @@ rank skipped. No host synchronisation inside a step except at log, eval and chec
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, replace
@@ -251,7 +250,7 @@ class Trainer:
                     loss, ce = faults.poison_loss(step + 1, loss, ce)
                     engine.backward(loss / self.accum, last_micro=micro == self.accum - 1)
                     step_loss += ce.detach() / self.accum
-                step_loss = pdist.mean_over_ranks(step_loss, self.dp_size)  # async on GPU: no host wait
+                step_loss = pdist.mean_over_ranks(step_loss)  # async on GPU: no host wait
                 metrics = {k: v for m in monitors for k, v in m.on_before_optimizer_step(step + 1).items()}
                 faults.kill("backward", step + 1)
                 if guard is not None:
@@ -290,7 +289,7 @@ class Trainer:
                 diverged = guard.stop_reason(metrics, step) if "train/nonfinite_streak" in metrics else None
                 if _due(step, t.eval_interval, last):
                     faults.kill("eval", step)
-                    val = pdist.mean_over_ranks(self._evaluate(model, valid_ds, eod), self.dp_size).item()
+                    val = pdist.mean_over_ranks(self._evaluate(model, valid_ds, eod)).item()
                     sink.log(step, {"train/val_loss": val})
                     say(f"step {step:>6} | validation loss {val:.4f}")
                     summary["train/val_loss"] = val

@@ -157,10 +157,10 @@ def all_sum(value: float) -> float:
     return t.item()
 
 
-def mean_over_ranks(value: torch.Tensor, dp_size: int) -> torch.Tensor:
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """Mean of a device scalar over the data-parallel ranks (tensor-parallel peers hold the same value, so the
     world sum is divided by the world size). Queued on the device: no host wait."""
-    if world_size() == 1 or dp_size == 1 and world_size() == 1:
+    if world_size() == 1:
         return value
     value = value.detach().clone()
     dist.all_reduce(value)

@@ -21,16 +21,13 @@ Composition with FSDP2 on a ("dp", "tp") mesh is the engine's job: apply TP firs
 mesh["dp"] (torchtitan order). After TP, an attention module's n_q / n_out / n_kv count this rank's heads and
 its `tp` is the degree; KVCache.for_model sizes the cache from it. Monitors see the local heads only.
 The model then mixes plain and DTensor parameters (on two meshes once FSDP2 shards it), which
-torch.nn.utils.clip_grad_norm_ cannot stack: use this module's `clip_grad_norm_`.
+torch.nn.utils.clip_grad_norm_ cannot stack: the engines clip with `diffv2.parallel.engine.clip_grad_norm`.
 
 Legend: B batch, N sequence, M d_model.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
-
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
@@ -141,27 +138,3 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             raise ValueError(f"tensor parallelism has no plan for {plain} in block {attn.layer_idx}; "
                              f"add it to diffv2/parallel/tensor.py")
     return model
-
-
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (2-norm) for parameters that mix plain tensors and DTensors on several meshes.
-
-    torch's version puts every gradient in one foreach call, which refuses plain tensors beside DTensors and
-    DTensors of different meshes. Here each mesh's gradients get their own norm (a DTensor norm is reduced over its
-    mesh by full_tensor), the total is the norm of those, and each group is scaled by the same coefficient.
-    Returns the total norm before clipping, a plain scalar tensor equal on every rank.
-    """
-    groups: dict = {}
-    for p in parameters:
-        if p.grad is not None:
-            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
-    norms = []
-    for params in groups.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    if not norms:
-        return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for params in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
