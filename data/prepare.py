@@ -1,8 +1,10 @@
 """Raw text -> Megatron indexed dataset (PREFIX.bin/.idx) + PREFIX.manifest.json.
 
     python -m data.prepare INPUT [INPUT ...] --out PREFIX [--tokenizer byte|PATH|bpe:VOCAB] [--workers N]
+                           [--include GLOB ...]
 
-Inputs: files or directories (walked recursively, sorted, hidden names skipped). `*.jsonl` / `*.ndjson` hold one
+Inputs: files or directories (walked recursively, sorted, hidden names skipped; `--include` keeps only the files
+found in directories whose name matches one of the globs, e.g. `'*.rst.gz' '*.rst.txt'`). `*.jsonl` / `*.ndjson` hold one
 document per line in a string field (`--text-key`); every other file is one document. `.gz` works for both.
 Each document is followed by one EOD token. Output order is input order whatever the worker count.
 """
@@ -10,6 +12,7 @@ Each document is followed by one EOD token. Output order is input order whatever
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gzip
 import hashlib
 import io
@@ -58,14 +61,22 @@ def _walk(root: str) -> Iterator[str]:
         yield from (os.path.join(parent, name) for name in names if not name.startswith("."))
 
 
-def list_files(inputs: Sequence[str]) -> List[str]:
-    """Expand directories (recursively, sorted so the output order is reproducible) into files."""
+def list_files(inputs: Sequence[str], include: Sequence[str] = ()) -> List[str]:
+    """Expand directories (recursively, sorted so the output order is reproducible) into files.
+
+    `include`: file-name globs; files found in directories are kept only if their name matches one (files named
+    directly are always kept)."""
     files: List[str] = []
     for path in inputs:
         if os.path.isdir(path):
             found = sorted(_walk(path))
+            if include:
+                found = [f for f in found if any(fnmatch.fnmatch(os.path.basename(f), g) for g in include)]
             if not found:
-                raise ValueError(f"no input files under directory {path} (give files or a non-empty directory)")
+                which = f" matching {' '.join(include)}" if include else ""
+                raise ValueError(
+                    f"no input files{which} under directory {path} (give files or a directory that holds some)"
+                )
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)
@@ -191,6 +202,7 @@ def prepare(
     text_key: str = "text",
     errors: str = "strict",
     progress: bool = True,
+    include: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """Tokenize `inputs` into `out_prefix`.bin/.idx and write `out_prefix`.manifest.json; return the manifest.
 
@@ -199,7 +211,7 @@ def prepare(
     """
     if errors not in ("strict", "replace"):
         raise ValueError(f"bad errors mode {errors!r} (give strict or replace)")
-    files = list_files(inputs)
+    files = list_files(inputs, include)
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     spec = resolve_tokenizer_spec(tokenizer_spec, files, out_prefix, text_key, errors)
     tokenizer = load_tokenizer(spec)
@@ -273,11 +285,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--errors", default="strict", choices=("strict", "replace"), help="invalid UTF-8: fail or use U+FFFD"
     )
+    parser.add_argument(
+        "--include", nargs="+", default=[], metavar="GLOB", help="keep only files under directories matching a glob"
+    )
     args = parser.parse_args(argv)
     # megatron-core warns on import that optional GPU extensions are missing; irrelevant to writing files.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     try:
-        m = prepare(args.inputs, args.out, args.tokenizer, args.workers, args.text_key, args.errors)
+        m = prepare(
+            args.inputs, args.out, args.tokenizer, args.workers, args.text_key, args.errors, include=args.include
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -104,6 +104,17 @@ def test_cli(corpus: Path, tmp_path: Path, capsys) -> None:
     assert err.startswith("error: input not found") and "\n" not in err
 
 
+def test_include_globs_filter_directory_walks(corpus: Path, tmp_path: Path, capsys) -> None:
+    m = prepare([str(corpus)], str(tmp_path / "inc"), "byte", workers=1, progress=False, include=["*.txt", "*.gz"])
+    assert [os.path.basename(i["path"]) for i in m["inputs"]] == ["a.txt", "blank.txt", "e.txt.gz", "d.jsonl.gz"]
+    assert _read_docs(str(tmp_path / "inc")) == _expected([DOCS["a.txt"], DOCS["a.txt"] * 3] + JSONL)
+    named = prepare([str(corpus / "b.md")], str(tmp_path / "n"), "byte", workers=1, progress=False, include=["*.x"])
+    assert named["documents"] == 1  # files named directly are kept whatever the globs
+    assert prep.main([str(corpus), "--out", str(tmp_path / "none"), "--include", "*.rst"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no input files matching *.rst under directory") and "\n" not in err
+
+
 def test_bpe_train_and_round_trip(corpus: Path, tmp_path: Path) -> None:
     manifest = prepare([str(corpus)], str(tmp_path / "bpe"), "bpe:300", workers=2, progress=False)
     tok = load_tokenizer(str(tmp_path / "bpe.tokenizer.json"))
