@@ -67,7 +67,7 @@ def validate_heads(cfg: ModelConfig) -> None:
             f"with n_kv_heads/2 dividing n_heads/2"
         )
     if a.variant != "diffv2" and (a.pairing != "interleave" or a.lambda_mode != "sigmoid"):
-        raise ValueError(f"attention.pairing / lambda_mode are DIFF V2 ablations; they need attention.variant=diffv2")
+        raise ValueError("attention.pairing / lambda_mode are DIFF V2 ablations; they need attention.variant=diffv2")
     if a.variant != "baseline" and a.head_multiplier != 1.0:
         raise ValueError(f"attention.head_multiplier={a.head_multiplier} applies to variant=baseline only")
 
@@ -137,8 +137,8 @@ class Attention(nn.Module):
         v_BNKD = self.v_proj(x_BNM).view(b, n, -1, v_width)
         if self.q_norm is not None:  # before RoPE, as Qwen3
             q_BNQD, k_BNKD = self.q_norm(q_BNQD), self.k_norm(k_BNKD)
-        offset = 0 if cache is None else cache.length
-        q_BNQD, k_BNKD = self.rope(q_BNQD, offset), self.rope(k_BNKD, offset)
+        offset, positions_BN = (0, None) if cache is None else (cache.length, cache.positions(n))
+        q_BNQD, k_BNKD = self.rope(q_BNQD, offset, positions_BN), self.rope(k_BNKD, offset, positions_BN)
         # spec §2.5: the cache holds k and v only; queries, lambda and the combination are per new token.
         k_BLKD, v_BLKD = (k_BNKD, v_BNKD) if cache is None else cache.update(self.layer_idx, k_BNKD, v_BNKD)
         decoding = {} if cache is None else {"cache": cache}  # training calls the cores as always (hooks wrap them)

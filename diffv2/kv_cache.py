@@ -4,11 +4,14 @@ DIFF V2 caches exactly what the baseline caches: h_kv key heads and h_kv value h
 2·h_kv·D elements per token per layer (spec §5.4). Its 2h queries, λ and the pair combination belong to the new
 token and are never cached. DIFF V1 stores its values as h_kv/2 heads of width 2D: the same bytes.
 
-Batches of prompts are left-padded to one length, so every row writes the same slot at every step and a slot index
-is a RoPE position. A row shifted right by p pads is rotated by position + p; q·k depends only on position
-differences (spec T11), so it attends exactly as it would unpadded, and the longest prompt, which has no pads, sets
-the positions used. Pads form their own segment: real tokens never see them and pad queries see only pads, so
-every softmax row has a key (a fully masked row gives NaN, and a zero weight does not cancel a NaN value).
+Batches of prompts are left-padded to one length, so every row writes the same slot at every step. RoPE positions
+are per row: slot − the row's pads (pads themselves get 0), as the HF port's position_ids. Rotating a padded row
+by slot instead would give the same q·k in exact arithmetic (spec T11), but not in bf16: q and k are rounded after
+the rotation, and rounding at other angles puts a padded row's logits ~1e-2 (relative) away from the same row
+decoded alone, the size of the whole bf16 error (issue #9). With per-row positions a padded row's q and k are
+rounded as the unpadded row's (bit for bit where the inputs are equal); what may differ is the kernels. Pads form
+their own segment: real tokens never see them and pad queries see only pads, so every softmax row has a key (a
+fully masked row gives NaN, and a zero weight does not cancel a NaN value).
 
 Kernels: a prefill runs the training backend (a padded one a backend that masks documents); a single new token
 runs SDPA with enable_gqa and no mask (flash on GPU); masked steps (chunks on a non-empty cache, decoding
@@ -45,6 +48,7 @@ class KVCache:
                        for _ in range(cfg.n_layers)]
         self.max_len, self.length = max_len, 0
         self.pads_B = None if pads_B is None else pads_B.to(device)  # left pads per row; None = no padding
+        self._positions = None  # (length, n, positions_BN) of the forward in progress
 
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int,
@@ -56,6 +60,16 @@ class KVCache:
     def bytes_per_token_per_layer(self) -> int:
         k, v = self.k_BLKD[0], self.v_BLKD[0]
         return (k[0, 0].numel() + v[0, 0].numel()) * k.element_size()
+
+    def positions(self, n: int) -> Optional[torch.Tensor]:
+        """RoPE positions (B, n) of the next n tokens of every row: slot − pads, 0 for pads; None without padding
+        (positions are the slots then). One tensor per forward, shared by its layers."""
+        if self.pads_B is None:
+            return None
+        if self._positions is None or self._positions[:2] != (self.length, n):
+            slot_N = torch.arange(self.length, self.length + n, device=self.pads_B.device)
+            self._positions = (self.length, n, (slot_N[None, :] - self.pads_B[:, None]).clamp_min(0))
+        return self._positions[2]
 
     def update(self, layer: int, k_BNKD: torch.Tensor, v_BNKD: torch.Tensor):
         """Write the new tokens' keys and values after the cached ones; return every slot in use, new ones included."""

@@ -5,6 +5,8 @@ Legend: B batch, N sequence, H heads, D head_dim.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -32,14 +34,20 @@ class RotaryEmbedding(nn.Module):
             self.cos_NF.copy_(angle_NF.cos())
             self.sin_NF.copy_(angle_NF.sin())
 
-    def forward(self, x_BNHD: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x_BNHD: torch.Tensor, offset: int = 0,
+                positions_BN: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rotate token j of every row by position offset + j, or by positions_BN[b, j] when given (per-row
+        positions of a left-padded batch, each < offset + n)."""
         n = x_BNHD.shape[1]
         if offset + n > self.max_seq_len:
             raise ValueError(
                 f"sequence position {offset + n} exceeds model.max_seq_len={self.max_seq_len}; raise model.max_seq_len"
             )
-        cos = self.cos_NF[offset : offset + n, None, :]
-        sin = self.sin_NF[offset : offset + n, None, :]
+        if positions_BN is None:
+            cos = self.cos_NF[offset : offset + n, None, :]
+            sin = self.sin_NF[offset : offset + n, None, :]
+        else:
+            cos, sin = self.cos_NF[positions_BN][:, :, None, :], self.sin_NF[positions_BN][:, :, None, :]
         x = x_BNHD.to(torch.promote_types(x_BNHD.dtype, torch.float32))  # rotate in >= fp32, cast back once
         if self.style == "interleaved":  # pairs (x[2m], x[2m+1]), spec §2.2 step 2
             x0, x1 = x[..., 0::2], x[..., 1::2]
