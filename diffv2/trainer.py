@@ -208,7 +208,7 @@ class Trainer:
             log.warning("%s: probe monitors (attention logits, sinks, value RMS)%s are off%s",
                         f"parallel.tp={cfg.parallel.tp}" if cfg.parallel.tp > 1 else "DeepSpeed ZeRO-3",
                         " and parameter norms" if zero3 else "",
-                        ", and per-head attention statistics cover this rank's heads only" if cfg.parallel.tp > 1
+                        ", and λ statistics cover this rank's heads only" if cfg.parallel.tp > 1
                         else "")
         monitors.insert(0, PreemptionCallback(t.preempt_check_interval, t.requeue))
         ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,

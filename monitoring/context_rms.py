@@ -14,6 +14,12 @@ Both assume values with unit RMS that are mutually orthogonal, the spec's ideali
 (mean RMS of the value heads v_proj(x), on the probe batch at the same weights) gives the scale to divide by
 before comparing (trained values are also correlated, which lifts uniform attention above 1/sqrt(n)).
 
+Under data / tensor parallelism the values equal one process's over the same global batch: each rank keeps per-head
+token-weighted sums (and its token counts) on the device; on interval steps one all-gather, which every rank
+enters, collects them. The `tp` ranks of a tensor-parallel group see the same tokens but hold different heads
+(contiguous shards, ranks tp-innermost): their head vectors are concatenated into the full head dimension, then
+the data-parallel groups' sums are added and divided by their summed token counts. No host wait.
+
 Legend: B batch, N sequence, H heads, D head_dim.
 """
 
@@ -34,10 +40,15 @@ def inverse_sqrt_visible_N(n: int, device) -> torch.Tensor:
     return torch.arange(1, n + 1, device=device, dtype=torch.float32).rsqrt()
 
 
-def floor_mean(scale_BNH: torch.Tensor) -> torch.Tensor:
-    """Mean of |1 - s| / sqrt(t + 1) over tokens and heads (spec §6.3 per-token floor)."""
+def floor_H(scale_BNH: torch.Tensor) -> torch.Tensor:
+    """Mean of |1 - s| / sqrt(t + 1) over batch and positions, per head: (H,) (spec §6.3 per-token floor)."""
     inv_N = inverse_sqrt_visible_N(scale_BNH.shape[1], scale_BNH.device)
-    return ((1 - scale_BNH.detach().float()).abs() * inv_N[None, :, None]).mean()
+    return ((1 - scale_BNH.detach().float()).abs() * inv_N[None, :, None]).mean(dim=(0, 1))
+
+
+def floor_mean(scale_BNH: torch.Tensor) -> torch.Tensor:
+    """Mean of |1 - s| / sqrt(t + 1) over tokens and heads."""
+    return floor_H(scale_BNH).mean()
 
 
 class ContextRMSMonitor(Callback):
@@ -45,12 +56,13 @@ class ContextRMSMonitor(Callback):
 
     def __init__(self, interval: int, heatmap_interval: int):
         self.interval, self.heatmap_interval = interval, heatmap_interval
-        self._sums: dict[tuple[str, int], torch.Tensor] = {}
-        self._counts: dict[tuple[str, int], int] = {}
+        self._sums: dict[tuple[str, int], torch.Tensor] = {}  # per head: token-weighted sums (H,)
+        self._counts: dict[tuple[str, int], int] = {}  # tokens behind each sum
 
     def on_train_start(self, ctx: TrainContext) -> None:
         self.last = ctx.cfg.trainer.max_steps
         self.hub, self.probe = ctx.observers, ctx.probe
+        self.tp = getattr(getattr(ctx.cfg, "parallel", None), "tp", 1)  # ranks per tensor-parallel group
         self.uniform_ref = inverse_sqrt_visible_N(ctx.cfg.data.seq_len, "cpu").mean().item()
 
     def on_step_start(self, step: int) -> None:
@@ -63,22 +75,26 @@ class ContextRMSMonitor(Callback):
     def _value_rms(self, attn, x_BNM: torch.Tensor) -> None:
         width = attn.head_dim * (2 if attn.variant == "diffv1" else 1)  # DIFF V1 values are 2d wide (spec §3)
         v = torch.nn.functional.linear(x_BNM, attn.v_proj.weight.float()).unflatten(-1, (-1, width))
-        self._add("value_rms", attn.layer_idx, context_rms_H(v).mean())
+        self._add("value_rms", attn.layer_idx, context_rms_H(v), v.shape[0] * v.shape[1])
 
-    def _add(self, key: str, layer: int, value: torch.Tensor) -> None:
+    def _add(self, key: str, layer: int, mean_H: torch.Tensor, tokens: int) -> None:
+        """Accumulate a per-head mean over `tokens` tokens as a token-weighted sum."""
         k = (key, layer)
-        self._sums[k] = self._sums[k] + value if k in self._sums else value
-        self._counts[k] = self._counts.get(k, 0) + 1
+        weighted = mean_H * tokens
+        self._sums[k] = self._sums[k] + weighted if k in self._sums else weighted
+        self._counts[k] = self._counts.get(k, 0) + tokens
 
     def _observe(self, layer_idx: int, stats: dict) -> None:
-        self._add("context_rms", layer_idx, context_rms_H(stats["context"]))
+        ctx_BNHD = stats["context"]
+        tokens = ctx_BNHD.shape[0] * ctx_BNHD.shape[1]
+        self._add("context_rms", layer_idx, context_rms_H(ctx_BNHD), tokens)
         if stats.get("attn1") is not None:
-            self._add("context_rms_a1", layer_idx, context_rms_H(stats["attn1"]))
-            self._add("context_rms_a2", layer_idx, context_rms_H(stats["attn2"]))
+            self._add("context_rms_a1", layer_idx, context_rms_H(stats["attn1"]), tokens)
+            self._add("context_rms_a2", layer_idx, context_rms_H(stats["attn2"]), tokens)
             scale = stats.get("lambda_scale")
             if scale is None:  # ablation 2: sigma == 1, the floor is 0
                 scale = stats["attn1"].new_ones(stats["attn1"].shape[:3])
-            self._add("context_rms_floor", layer_idx, floor_mean(scale))
+            self._add("context_rms_floor", layer_idx, floor_H(scale), tokens)
 
     def on_train_end(self) -> None:
         self.hub.unwatch(self.name)  # a run that fails mid-step leaves no observer (or eager stance) behind
@@ -91,11 +107,12 @@ class ContextRMSMonitor(Callback):
             self.probe.run()  # at the weights of this step's forward, before the optimizer moves them
         metrics = {"attn/context_rms_uniform_ref": self.uniform_ref}
         matrices: dict[str, list] = {}
-        for (key, layer), total in sorted(self._sums.items()):
-            per_head = total / self._counts[(key, layer)]
+        entries = sorted(self._sums)
+        means = _over_ranks([self._sums[k] for k in entries], [self._counts[k] for k in entries], self.tp)
+        for (key, layer), per_head in zip(entries, means):
             tag = f"L{layer:02d}"
-            if key in ("context_rms_floor", "value_rms"):
-                metrics[f"attn/{key}/{tag}"] = per_head
+            if key in ("context_rms_floor", "value_rms"):  # means over tokens and heads
+                metrics[f"attn/{key}/{tag}"] = per_head.mean()
                 continue
             metrics[f"attn/{key}_mean/{tag}"] = per_head.mean()
             metrics[f"attn/{key}_min/{tag}"] = per_head.min()
@@ -105,3 +122,30 @@ class ContextRMSMonitor(Callback):
             metrics.update({f"attn/{key}_heads": torch.stack(rows) for key, rows in matrices.items()})
         self._sums, self._counts = {}, {}
         return metrics
+
+
+def _over_ranks(sums: list[torch.Tensor], counts: list[int], tp: int = 1) -> list[torch.Tensor]:
+    """Per-head means over every data-parallel rank's tokens, with each tensor-parallel group's heads in order.
+
+    `sums[i]` (H_i local heads) are token-weighted sums over `counts[i]` tokens. One all-gather of a flat vector
+    [sum_0, count_0, sum_1, count_1, ...] (same layout on every rank: same model and monitor) queued on the device;
+    every rank calls this on the same steps. Ranks are tp-innermost: rank d * tp + j holds head shard j of
+    data-parallel group d, and the group's ranks saw the same tokens (one count per group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not sums:
+        return [s / c for s, c in zip(sums, counts)]
+    counts_T = [s.new_full((1,), float(c)) for s, c in zip(sums, counts)]  # filled on the device: no copy, no sync
+    flat = torch.cat([t for pair in zip(sums, counts_T) for t in (pair[0].reshape(-1), pair[1])])
+    world = dist.get_world_size()
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    per_rank_RF = torch.stack(gathered).view(world // tp, tp, -1)  # (dp groups, tp shards, flat)
+    out, offset = [], 0
+    for s in sums:
+        h = s.numel()
+        heads_GH = per_rank_RF[:, :, offset : offset + h].reshape(world // tp, tp * h)  # shards in head order
+        tokens_G = per_rank_RF[:, 0, offset + h]  # the group's tp ranks counted the same tokens
+        out.append(heads_GH.sum(0) / tokens_G.sum())
+        offset += h + 1
+    return out

@@ -19,7 +19,8 @@ puts on different ranks; run that ablation with tp=1).
 
 Composition with FSDP2 on a ("dp", "tp") mesh is the engine's job: apply TP first, then `fully_shard` over
 mesh["dp"] (torchtitan order). After TP, an attention module's n_q / n_out / n_kv count this rank's heads and
-its `tp` is the degree; KVCache.for_model sizes the cache from it. Monitors see the local heads only.
+its `tp` is the degree; KVCache.for_model sizes the cache from it. Monitors see the local heads only (the context
+RMS monitor gathers the head shards of each TP group at its logging steps).
 The model then mixes plain and DTensor parameters (on two meshes once FSDP2 shards it), which
 torch.nn.utils.clip_grad_norm_ cannot stack: the engines clip with `diffv2.parallel.engine.clip_grad_norm`.
 
