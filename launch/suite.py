@@ -5,7 +5,7 @@
         [--lr normal=2e-3 large=1.6e-2] [--gpus 8] [-- extra.hydra=overrides ...]
 
 A suite file names a Hydra experiment, overrides for every run and phases; a phase is a list of grids
-{attention: A|[A...], lr: X|[X...]|NAME, seed: S|[S...]} expanded to runs named `{attention}-lr{lr}-s{seed}`
+{attention: A|[A...], lr: X|[X...]|NAME, seed: S|[S...], overrides: [...]} expanded to runs named `{attention}-lr{lr}-s{seed}`
 under OUT/runs/. LR names (`normal`, `large`) come from --lr or, if not given, from the finished sweep phase
 (monitoring.claims.pick_lrs). A run whose OUT/runs/NAME/suite_status.json records success is skipped, so a
 suite interrupted anywhere is finished by running the same command again; runs that are identical in two phases
@@ -37,6 +37,7 @@ class SuiteRun:
     lr: float
     seed: int
     lr_name: Optional[str]  # `normal` / `large` when the LR came from a name
+    overrides: tuple = ()  # the grid's own Hydra overrides
 
 
 def _as_list(value) -> list:
@@ -63,9 +64,9 @@ def expand(grids: Sequence[dict], lrs: Dict[str, float]) -> List[SuiteRun]:
     """Grids -> runs in order, each run once (a run named twice is kept at its first place)."""
     runs: Dict[str, SuiteRun] = {}
     for grid in grids:
-        unknown = set(grid) - {"attention", "lr", "seed"}
+        unknown = set(grid) - {"attention", "lr", "seed", "overrides"}
         if unknown or "attention" not in grid or "lr" not in grid:
-            raise ValueError(f"bad grid {grid}: give attention, lr and optionally seed (and nothing else)")
+            raise ValueError(f"bad grid {grid}: give attention, lr and optionally seed and overrides (nothing else)")
         for attention, lr, seed in itertools.product(
             _as_list(grid["attention"]), _as_list(grid["lr"]), _as_list(grid.get("seed", 0))
         ):
@@ -77,7 +78,8 @@ def expand(grids: Sequence[dict], lrs: Dict[str, float]) -> List[SuiteRun]:
                         f"--lr {lr_name}=VALUE"
                     )
                 lr = lrs[lr_name]
-            run = SuiteRun(run_name(attention, float(lr), int(seed)), attention, float(lr), int(seed), lr_name)
+            run = SuiteRun(run_name(attention, float(lr), int(seed)), attention, float(lr), int(seed), lr_name,
+                           tuple(grid.get("overrides") or ()))
             runs.setdefault(run.name, run)
     return list(runs.values())
 
@@ -99,7 +101,7 @@ def command(suite: dict, run: SuiteRun, out: Path, data: Optional[str], extra: S
                  f"data.cache_dir={out / 'cache' / f'slot{slot}'}"]
     if data:
         overrides += [f"data.prefixes=[{data}]", f"data.tokenizer={data}.tokenizer.json"]
-    overrides += list(suite.get("overrides") or []) + list(extra)
+    overrides += list(suite.get("overrides") or []) + list(run.overrides) + list(extra)
     return [sys.executable, str(REPO / "train.py"), *overrides]
 
 
