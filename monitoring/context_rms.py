@@ -18,7 +18,8 @@ Under data / tensor parallelism the values equal one process's over the same glo
 token-weighted sums (and its token counts) on the device; on interval steps one all-gather, which every rank
 enters, collects them. The `tp` ranks of a tensor-parallel group see the same tokens but hold different heads
 (contiguous shards, ranks tp-innermost): their head vectors are concatenated into the full head dimension, then
-the data-parallel groups' sums are added and divided by their summed token counts. No host wait.
+the data-parallel groups' sums are added and divided by their summed token counts (`monitoring/ranks.py`). No
+host wait.
 
 Legend: B batch, N sequence, H heads, D head_dim.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from monitoring.callback import Callback, TrainContext, every
+from monitoring.ranks import over_ranks
 
 
 def context_rms_H(ctx_BNHD: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ class ContextRMSMonitor(Callback):
         metrics = {"attn/context_rms_uniform_ref": self.uniform_ref}
         matrices: dict[str, list] = {}
         entries = sorted(self._sums)
-        means = _over_ranks([self._sums[k] for k in entries], [self._counts[k] for k in entries], self.tp)
+        means, _ = over_ranks([self._sums[k] for k in entries], [self._counts[k] for k in entries], self.tp)
         for (key, layer), per_head in zip(entries, means):
             tag = f"L{layer:02d}"
             if key in ("context_rms_floor", "value_rms"):  # means over tokens and heads
@@ -123,29 +125,3 @@ class ContextRMSMonitor(Callback):
         self._sums, self._counts = {}, {}
         return metrics
 
-
-def _over_ranks(sums: list[torch.Tensor], counts: list[int], tp: int = 1) -> list[torch.Tensor]:
-    """Per-head means over every data-parallel rank's tokens, with each tensor-parallel group's heads in order.
-
-    `sums[i]` (H_i local heads) are token-weighted sums over `counts[i]` tokens. One all-gather of a flat vector
-    [sum_0, count_0, sum_1, count_1, ...] (same layout on every rank: same model and monitor) queued on the device;
-    every rank calls this on the same steps. Ranks are tp-innermost: rank d * tp + j holds head shard j of
-    data-parallel group d, and the group's ranks saw the same tokens (one count per group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not sums:
-        return [s / c for s, c in zip(sums, counts)]
-    counts_T = [s.new_full((1,), float(c)) for s, c in zip(sums, counts)]  # filled on the device: no copy, no sync
-    flat = torch.cat([t for pair in zip(sums, counts_T) for t in (pair[0].reshape(-1), pair[1])])
-    world = dist.get_world_size()
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    per_rank_RF = torch.stack(gathered).view(world // tp, tp, -1)  # (dp groups, tp shards, flat)
-    out, offset = [], 0
-    for s in sums:
-        h = s.numel()
-        heads_GH = per_rank_RF[:, :, offset : offset + h].reshape(world // tp, tp * h)  # shards in head order
-        tokens_G = per_rank_RF[:, 0, offset + h]  # the group's tp ranks counted the same tokens
-        out.append(heads_GH.sum(0) / tokens_G.sum())
-        offset += h + 1
-    return out

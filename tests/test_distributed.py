@@ -50,13 +50,14 @@ def assert_same_training(a: Path, b: Path, rel: float = 2e-5, param_norms: bool 
         assert tb["val"][step] == pytest.approx(val, rel=rel), f"validation loss at step {step}"
     # The grad-norm monitor's per-kind and per-layer norms are global over the shards (issue: monitoring, point 2),
     # and so are the residual-stream maxima (every rank's tokens) and the training forward's per-head context RMS
-    # (every rank's tokens, every TP rank's heads; issue #4): per-layer mean/min/max, a1/a2, floor, the heatmap.
+    # (every rank's tokens, every TP rank's heads; issue #4): per-layer mean/min/max, a1/a2, floor, the heatmap; so
+    # are the DIFF V2 sigmoid(lambda) mean, quantiles (of the same token subsample) and per-head heatmap.
     rows_a = {m["step"]: m for m in metrics(a) if "grad/norm_kind/q" in m}
     rows_b = {m["step"]: m for m in metrics(b) if "grad/norm_kind/q" in m}
     assert rows_a and rows_a.keys() == rows_b.keys()
     for step, row in rows_a.items():
         kinds = ("grad/norm_kind/", "grad/norm_layer/", "act/max_abs/", "act/top2_abs/", "act/top3_abs/",
-                 "attn/context_rms_", "attn/value_rms/")
+                 "attn/context_rms_", "attn/value_rms/", "attn/lambda_sigmoid_")
         kinds += ("grad/param_norm",) if param_norms else ()
         probes_off = "attn/value_rms/L00" not in rows_b[step]  # probe passes are off under tp > 1 and ZeRO-3
         for key in (k for k in row if k.startswith(kinds) and not (probes_off and k.startswith("attn/value_rms/"))):
@@ -65,6 +66,8 @@ def assert_same_training(a: Path, b: Path, rel: float = 2e-5, param_norms: bool 
             assert len(got) == len(want) and got == pytest.approx(want, rel=10 * rel, abs=1e-7), f"{key} at {step}"
     last = rows_a[max(rows_a)]  # every monitor reads at the run's last step
     assert {"attn/context_rms_mean/L00", "attn/context_rms_a1_max/L01", "attn/context_rms_heads"} <= last.keys()
+    # context_rms_a1 above means DIFF V2 (the default attention, sigmoid lambda) in every layout: its lambda too
+    assert {"attn/lambda_sigmoid_mean/L00", "attn/lambda_sigmoid_p05/L01", "attn/lambda_sigmoid_heads"} <= last.keys()
 
 
 def _flat(value) -> list:
