@@ -9,7 +9,7 @@ A suite file names a Hydra experiment, overrides for every run and phases; a pha
 under OUT/runs/. LR names (`normal`, `large`) come from --lr or, if not given, from the finished sweep phase
 (monitoring.claims.pick_lrs). A run whose OUT/runs/NAME/suite_status.json records success is skipped, so a
 suite interrupted anywhere is finished by running the same command again; runs that are identical in two phases
-are trained once. Each run's console goes to OUT/logs/NAME.log; OUT/suite.json lists every run and its outcome.
+are trained once. Each run's console goes to OUT/logs/NAME.log; OUT/suite-PHASE.json lists every run and its outcome.
 With no GPU the runs go one after another on the CPU (for tests and dry runs with tiny overrides).
 """
 
@@ -51,8 +51,13 @@ def load_suite(path: Path) -> dict:
         raise ValueError(f"suite file not found: {path} (give e.g. configs/suite/repro_small.yaml)")
     suite = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     for key in ("experiment", "phases"):
-        if key not in suite:
+        if not isinstance(suite, dict) or key not in suite:
             raise ValueError(f"{path}: no `{key}` key (see configs/suite/repro_small.yaml for the format)")
+    phases = suite["phases"]
+    for name, grids in (phases.items() if isinstance(phases, dict) else [("phases", None)]):
+        if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) for g in grids):
+            raise ValueError(f"{path}: phase `{name}` must be a non-empty list of grids "
+                             f"{{attention: ..., lr: ..., seed: ...}} (see configs/suite/repro_small.yaml)")
     return suite
 
 
@@ -80,16 +85,22 @@ def expand(grids: Sequence[dict], lrs: Dict[str, float]) -> List[SuiteRun]:
                 lr = lrs[lr_name]
             run = SuiteRun(run_name(attention, float(lr), int(seed)), attention, float(lr), int(seed), lr_name,
                            tuple(grid.get("overrides") or ()))
-            runs.setdefault(run.name, run)
+            first = runs.setdefault(run.name, run)
+            if first.overrides != run.overrides:  # same run directory, different model: one would be lost
+                raise ValueError(f"run {run.name} is in two grids with different overrides ({list(first.overrides)} "
+                                 f"and {list(run.overrides)}): give them different attention, lr or seed")
     return list(runs.values())
 
 
-def finished(out: Path, name: str) -> Optional[dict]:
+def last_status(out: Path, name: str) -> Optional[dict]:
+    """The status of the run's last attempt (None if it never ended)."""
     path = out / "runs" / name / STATUS
-    if not path.is_file():
-        return None
-    status = json.loads(path.read_text())
-    return status if status.get("returncode") == 0 or status.get("diverged") else None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished(out: Path, name: str) -> Optional[dict]:
+    status = last_status(out, name)
+    return status if status and (status.get("returncode") == 0 or status.get("diverged")) else None
 
 
 def command(suite: dict, run: SuiteRun, out: Path, data: Optional[str], extra: Sequence[str],
@@ -179,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = Parser(prog="launch.suite", description=__doc__.split("\n\n")[0])
     p.add_argument("suite", type=Path, help="suite file (configs/suite/*.yaml)")
     p.add_argument("--phase", required=True, help="phase of the suite file to run")
-    p.add_argument("--out", type=Path, required=True, help="suite directory: runs/, logs/, suite.json")
+    p.add_argument("--out", type=Path, required=True, help="suite directory: runs/, logs/, suite-PHASE.json")
     p.add_argument("--data", help="Megatron corpus prefix (PREFIX.bin/.idx, tokenizer at PREFIX.tokenizer.json)")
     p.add_argument("--lr", nargs="+", default=[], metavar="NAME=VALUE", help="named learning rates (else the sweep's)")
     p.add_argument("--gpus", type=int, default=None, help="runs at a time, one per GPU (default: all visible GPUs)")
@@ -202,7 +213,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             lrs = pick_lrs(out)["lrs"]
             print(f"suite: learning rates from the sweep: {', '.join(f'{k}={v:g}' for k, v in lrs.items())}")
         runs = expand(suite["phases"][args.phase], lrs)
-        check_overrides(command(suite, runs[0], out, data, extra)[2:])
+        checked = set()
+        for run in runs:  # every distinct arm, not only the first: a typo in the last grid costs nothing now
+            if (run.attention, run.overrides) not in checked:
+                checked.add((run.attention, run.overrides))
+                check_overrides(command(suite, run, out, data, extra)[2:])
         gpus = args.gpus
         if gpus is None:
             import torch
@@ -218,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.time()
     execute(suite, runs, out, data, extra, gpus)
     record = {"suite": str(args.suite), "phase": args.phase, "lrs": lrs, "extra_overrides": extra,
-              "runs": [finished(out, r.name) or {"name": r.name, "returncode": None} for r in runs]}
+              "runs": [last_status(out, r.name) or {"name": r.name, "returncode": None} for r in runs]}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"suite-{args.phase}.json").write_text(json.dumps(record, indent=1))
     failed = [r.name for r in runs if finished(out, r.name) is None]

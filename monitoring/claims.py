@@ -178,7 +178,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     if va + vb == 0:
-        return (math.inf if a.mean() != b.mean() else 0.0), (0.0 if a.mean() != b.mean() else 1.0)
+        diff = a.mean() - b.mean()  # no spread: the sign of the difference is all there is
+        return (math.copysign(math.inf, diff) if diff else 0.0), (0.0 if diff else 1.0)
     t = (a.mean() - b.mean()) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return t, t_two_sided_p(t, df)
