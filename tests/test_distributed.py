@@ -102,6 +102,19 @@ def test_two_ranks_train_like_one(reference, tmp_path, layout):
     assert checkpoint.read_meta(tmp_path / "two/checkpoints/step_00000006")["world_size"] == 2
 
 
+def test_meta_init_device_draws_do_not_depend_on_the_layout(reference, tmp_path):
+    """parallel.meta_init_draw=device (the fast draw for huge models): every rank draws the same full tensors from
+    its seeded generator and keeps its shard, so 2 ranks train exactly like 1 rank with the same setting."""
+    ref, cache = reference
+    fast = ["parallel.meta_init=true", "parallel.meta_init_draw=device"]
+    one = single(tmp_path / "one", cache, *fast)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(tmp_path / "two", cache, *fast)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert trajectory(tmp_path / "one")["train"] != trajectory(ref)["train"]  # not the CPU build's weights
+
+
 def test_checkpoints_move_between_world_sizes(reference, tmp_path):
     """A 2-rank checkpoint resumes on 1 rank and a 1-rank one on 2 (DCP reshards model and optimizer); both
     finish exactly where the uninterrupted run does."""

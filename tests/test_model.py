@@ -25,7 +25,7 @@ from diffv2.loss import linear_cross_entropy  # noqa: E402
 from diffv2.model import Transformer, with_attention  # noqa: E402
 from tests import reference as ref  # noqa: E402
 from tests.builders import make_attention, model_cfg  # noqa: E402
-from tests.reference import assert_rel_close, init_sharp_, weights  # noqa: E402
+from tests.reference import assert_rel_close, weights  # noqa: E402
 
 FLEX_WARNING = "ignore:flex_attention called without torch.compile"
 
@@ -547,3 +547,50 @@ def test_meta_device_build_materialises_to_the_same_model(variant, moe):
         assert torch.equal(x, y), name
     torch.manual_seed(8)
     assert not torch.equal(Transformer(cfg).embed.weight, normal.embed.weight)  # the seed matters
+
+
+def _device_drawn(cfg, seed: int, device: str = "cpu") -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.materialize(torch.device(device), draw="device", seed=seed)
+    return model
+
+
+def _check_device_draws(device: str) -> None:
+    from dataclasses import replace
+
+    from diffv2.config import MoEConfig
+
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128, vocab_size=96,
+                      max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32))
+    cfg = replace(cfg, n_layers=4)
+    torch.manual_seed(123)  # the global generator plays no part
+    a = _device_drawn(cfg, seed=5, device=device).state_dict()
+    torch.manual_seed(456)
+    b = _device_drawn(cfg, seed=5, device=device).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = _device_drawn(cfg, seed=6, device=device).state_dict()
+    assert not torch.equal(a["embed.weight"], c["embed.weight"])  # the seed matters
+    torch.manual_seed(5)
+    normal = Transformer(cfg).state_dict()
+    assert not torch.equal(normal["embed.weight"], a["embed.weight"].cpu())  # a stream of its own, documented
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, w in a.items():  # the same distributions as a normal build
+        if name.endswith(("norm.weight",)):
+            assert torch.equal(w, torch.ones_like(w)), name
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
+            assert abs(w.float().std().item() / out_std - 1) < 0.15, name
+        elif w.ndim >= 2:
+            assert abs(w.float().std().item() / cfg.init_std - 1) < 0.15, name
+
+
+def test_meta_init_device_draws_are_seeded_and_distributed_like_a_normal_build():
+    """parallel.meta_init_draw=device: weights come from a generator seeded with `seed` (not the global one),
+    with init_weights' distributions; a different stream from the CPU build's (the README says so)."""
+    _check_device_draws("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_meta_init_device_draws_on_the_gpu():
+    _check_device_draws("cuda")

@@ -158,7 +158,7 @@ class FSDPEngine(Engine):
         for method in ("loss", "hidden"):
             register_fsdp_forward_method(model, method)
         if materialize:
-            model.materialize(device)
+            model.materialize(device, cfg.parallel.meta_init_draw, cfg.seed)
         # Mesh ranks are row-major over (dp_replicate, dp_shard, tp): the ranks of one TP group read the same data.
         super().__init__(model, optimizer_builder(model), pdist.rank() // p.tp, dp)
         self.layout = f"{p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}"
@@ -247,6 +247,6 @@ def build_engine(cfg, model: nn.Module, device: torch.device, param_dtype=None, 
         return DeepSpeedEngine(model, cfg, device)
     if pdist.world_size() == 1 and p.tp == 1:
         if materialize:
-            model.materialize(device)
+            model.materialize(device, p.meta_init_draw, cfg.seed)
         return Engine(model, builder(model))
     return FSDPEngine(model, builder, cfg, device, param_dtype, materialize)
