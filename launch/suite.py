@@ -130,7 +130,7 @@ def _write_status(out: Path, run: SuiteRun, cmd: List[str], rc: int, seconds: fl
 
 
 def execute(suite: dict, runs: List[SuiteRun], out: Path, data: Optional[str], extra: Sequence[str],
-            gpus: int) -> List[dict]:
+            gpus: int) -> None:
     """Run what is not finished: `gpus` at a time (CUDA_VISIBLE_DEVICES=i each), or one by one on the CPU."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if finished(out, r.name) is None]
@@ -138,7 +138,6 @@ def execute(suite: dict, runs: List[SuiteRun], out: Path, data: Optional[str], e
     print(f"suite: {len(runs)} runs, {done} already finished, {len(todo)} to run on "
           f"{f'{gpus} GPU(s)' if gpus else 'the CPU'}", flush=True)
     slots: Dict[int, tuple] = {}  # slot -> (run, process, start, cmd, log file)
-    statuses: List[dict] = []
     queue = list(todo)
     width = max(1, gpus)
     while queue or slots:
@@ -159,25 +158,23 @@ def execute(suite: dict, runs: List[SuiteRun], out: Path, data: Optional[str], e
                 continue
             log.close()
             status = _write_status(out, run, cmd, proc.returncode, time.time() - start, slot if gpus else None)
-            statuses.append(status)
             del slots[slot]
             outcome = "ok" if proc.returncode == 0 else ("diverged" if status["diverged"] else "FAILED")
             print(f"  {outcome:8s} {run.name} in {status['seconds']:.0f}s"
                   + ("" if outcome != "FAILED" else f" (exit {proc.returncode}; see {out / 'logs' / run.name}.log)"),
                   flush=True)
-    return statuses
 
 
 def parse_lrs(items: Sequence[str]) -> Dict[str, float]:
     lrs = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
+            if not name:
+                raise ValueError
             lrs[name] = float(value)
         except ValueError:
             raise ValueError(f"bad --lr {item!r} (give NAME=VALUE, e.g. large=1.6e-2)") from None
-        if not sep or not name:
-            raise ValueError(f"bad --lr {item!r} (give NAME=VALUE, e.g. large=1.6e-2)")
     return lrs
 
 

@@ -124,4 +124,3 @@ class ContextRMSMonitor(Callback):
             metrics.update({f"attn/{key}_heads": torch.stack(rows) for key, rows in matrices.items()})
         self._sums, self._counts = {}, {}
         return metrics
-
