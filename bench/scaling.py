@@ -7,7 +7,9 @@ scaling efficiency tokens/s(N) / (N x tokens/s(1)). One GPU with engine fsdp is 
 
     python bench/scaling.py --preset 350m --seq 4096 --micro-batch 4 --gpus 1 2 --engines fsdp zero2
 
-Results (table, command, versions) go to bench/results/scaling-*.json.
+Results (table, command, versions) go to bench/results/scaling-*.json. Each run's output is written as it comes
+to `<out>/scaling-<preset>-<attention>-<engine>-<gpus>gpu.log`, and `--timeout` stops a run (its whole process
+group) that has not finished after that many seconds, recording how far its log got.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,11 +46,24 @@ def run(args, engine: str, gpus: int, work: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "train.py",
            *overrides]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    log_path = Path(args.out) / f"scaling-{args.preset}-{args.attention}-{engine}-{gpus}gpu.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+            proc.wait()
+            returncode = None
     wall = time.monotonic() - start
-    if proc.returncode != 0:
-        return dict(engine=engine, gpus=gpus, error=(proc.stderr or proc.stdout)[-2000:], command=" ".join(cmd))
+    tail = log_path.read_text(errors="replace")[-2000:]
+    if returncode is None:
+        return dict(engine=engine, gpus=gpus, error=f"{tail}\nstopped by --timeout {args.timeout:g} s", wall_s=wall,
+                    command=" ".join(cmd))
+    if returncode != 0:
+        return dict(engine=engine, gpus=gpus, error=tail, wall_s=wall, command=" ".join(cmd))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     perf = [r for r in rows if "perf/tokens_per_s" in r][1:]  # the first window holds warm-up (and compilation)
     if not perf:
@@ -72,6 +88,7 @@ def main() -> None:
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="torch.compile each block (adds compile time per run)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    p.add_argument("--timeout", type=float, default=None, help="seconds after which a run is stopped (default: none)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     import torch
