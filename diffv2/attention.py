@@ -15,6 +15,7 @@ from torch import nn
 
 from diffv2.config import AttentionConfig, ModelConfig
 from diffv2.kernels import causal_attention
+from diffv2.recompute import recomputing
 from diffv2.rope import RotaryEmbedding
 
 try:
@@ -190,7 +191,7 @@ class Attention(nn.Module):
         return cache.attend(q_BNQD, k_BLKD, v_BLKD, self.backend)  # bottom-right causal over the cached slots
 
     def _observe(self, **stats) -> None:
-        if self.observer is not None:
+        if self.observer is not None and not recomputing():  # a checkpointed block's recomputation: seen already
             self.observer(self.layer_idx, stats)
 
 

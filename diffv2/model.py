@@ -20,6 +20,7 @@ from diffv2.attention import Attention, RMSNorm
 from diffv2.config import ModelConfig
 from diffv2.loss import linear_cross_entropy
 from diffv2.moe import MoE
+from diffv2.recompute import checkpoint_contexts
 
 if TYPE_CHECKING:
     from diffv2.kv_cache import KVCache
@@ -163,7 +164,7 @@ class Transformer(nn.Module):
         recompute = self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             if recompute and i in self.checkpointed:
-                x_BNM = checkpoint(block, x_BNM, doc_ids_BN, use_reentrant=False)
+                x_BNM = checkpoint(block, x_BNM, doc_ids_BN, use_reentrant=False, context_fn=checkpoint_contexts)
             else:
                 x_BNM = block(x_BNM, doc_ids_BN, cache)
             if self.block_observer is not None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffv2.config import MoEConfig
+from diffv2.recompute import recomputing
 
 # (experts, x_SM sorted by expert, tokens per expert E) -> y_SM; EP swaps in an all-to-all version.
 Dispatch = Callable[["GroupedExperts", torch.Tensor, torch.Tensor], torch.Tensor]
@@ -160,10 +161,15 @@ class MoE(nn.Module):
             dist.all_reduce(global_E, group=group)  # counts carry no gradient: a plain collective is enough
         aux = load_balance_loss(scores_TE, global_E, self.top_k)
         z = torch.logsumexp(logits_TE, dim=-1).square().mean()
-        self.last_aux_loss, self.last_z_loss = aux.detach(), z.detach()
         loss = self.cfg.z_loss_coef * z if self.cfg.z_loss_coef else z.new_zeros(())
         if self.cfg.balance == "aux_loss":
             loss = loss + self.cfg.aux_loss_coef * aux
+        if recomputing():
+            # Activation checkpointing re-runs this forward in backward: the same ops (the recomputation must save
+            # the same tensors), but the loss was already taken and the tokens already counted. Storing this loss
+            # would keep the recomputed block's graph alive until the next forward (~20 GiB on 30A3, 4 GPUs).
+            return
+        self.last_aux_loss, self.last_z_loss = aux.detach(), z.detach()
         self.router_loss = loss
         if self.training:
             self.tokens_per_expert += routed_E

@@ -194,6 +194,59 @@ def test_router_losses_enter_the_trained_loss_and_ce_stays_pure():
     assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_activation_checkpointing_recomputation_leaves_no_trace(ac):
+    """A checkpointed MoE block runs its forward again in backward. That second run must not replace the router
+    loss (the replacement's graph of recomputed activations, never backpropagated, stayed alive until the next
+    forward: ~20 GiB on 30A3 at 4 GPUs), count its tokens again, or reach the monitoring observers; gradients and
+    the loss equal those without checkpointing."""
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, vocab_size=64,
+                      moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, aux_loss_coef=0.5, z_loss_coef=1e-2,
+                                    experts_impl="loop"))
+    torch.manual_seed(0)
+    plain = Transformer(cfg).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_activation_checkpointing(ac, every=2)
+    assert checkpointed.checkpointed
+    tokens_BN = torch.randint(0, 64, (2, 12))
+    seen = []
+    for block in checkpointed.blocks:
+        block.attn.observer = lambda layer, stats: seen.append(layer)
+    results = []
+    for model in (plain, checkpointed):
+        loss, ce, _ = model.loss(tokens_BN, tokens_BN)
+        taken = [m.router_loss for m in model.moe_layers()]
+        loss.backward()
+        assert all(m.router_loss is t for m, t in zip(model.moe_layers(), taken))  # not replaced in backward
+        assert all(m.tokens_per_expert.sum().item() == tokens_BN.numel() * cfg.moe.top_k for m in model.moe_layers())
+        assert all(m.load_since_update.sum().item() == tokens_BN.numel() * cfg.moe.top_k for m in model.moe_layers())
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert seen == [0, 1]  # one observation per layer and forward
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_recomputing_is_true_only_inside_the_recomputation():
+    from torch.utils.checkpoint import checkpoint
+
+    from diffv2.recompute import checkpoint_contexts, recomputing
+
+    flags = []
+
+    def fn(x):
+        flags.append(recomputing())
+        return x.sin()
+
+    x = torch.randn(4, requires_grad=True)
+    y = checkpoint(fn, x, use_reentrant=False, context_fn=checkpoint_contexts)
+    assert flags == [False] and not recomputing()
+    y.sum().backward()
+    assert flags == [False, True] and not recomputing()
+    torch.testing.assert_close(x.grad, x.detach().cos())
+
+
 def test_moe_block_gradcheck_fp64():
     moe = make_moe(torch.float64, n_shared_experts=1, aux_loss_coef=0.1, z_loss_coef=0.1)
     x_BNM = torch.randn(1, 6, M, dtype=torch.float64, requires_grad=True)

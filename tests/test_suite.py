@@ -127,14 +127,14 @@ def test_shipped_suite_expands_and_every_arm_composes(tmp_path):
     suite = S.load_suite(ROOT / "configs" / "suite" / "repro_small.yaml")
     lrs = {"normal": 1e-3, "large": 8e-3}
     sweep, main = S.expand(suite["phases"]["sweep"], lrs), S.expand(suite["phases"]["main"], lrs)
-    assert len(sweep) == 8 and len(main) == 23
-    assert len(set(names(sweep)) | set(names(main))) == 29  # the 29 runs of docs/results/repro_small
+    assert len(sweep) == 6 and len(main) == 21
+    assert len(set(names(sweep)) | set(names(main))) == 25  # the 25 runs of docs/results/repro_small
     assert {r.overrides for r in main if r.attention == "diffv1"} == {("model.n_kv_heads=10",)}
     rc, out, err = call(S.main, [ROOT / "configs/suite/repro_small.yaml", "--phase", "main", "--out", tmp_path / "o",
                                  "--lr", "normal=1e-3", "large=8e-3", "--dry-run", "--", "model=tiny"])
     assert rc == 0, err
     lines = out.strip().splitlines()
-    assert len(lines) == 23 and all("train.py +experiment=repro_small" in ln and ln.endswith("model=tiny")
+    assert len(lines) == 21 and all("train.py +experiment=repro_small" in ln and ln.endswith("model=tiny")
                                     for ln in lines)
     assert "attention=diffv1 optim.lr=0.001 seed=0 run_name=diffv1-lr0.001-s0" in out
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
