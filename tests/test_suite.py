@@ -127,8 +127,8 @@ def test_shipped_suite_expands_and_every_arm_composes(tmp_path):
     suite = S.load_suite(ROOT / "configs" / "suite" / "repro_small.yaml")
     lrs = {"normal": 1e-3, "large": 8e-3}
     sweep, main = S.expand(suite["phases"]["sweep"], lrs), S.expand(suite["phases"]["main"], lrs)
-    assert len(sweep) == 6 and len(main) == 21
-    assert len(set(names(sweep)) | set(names(main))) == 25  # the 25 runs of docs/results/repro_small
+    assert len(sweep) == 7 and len(main) == 21
+    assert len(set(names(sweep)) | set(names(main))) == 26  # the 26 runs of docs/results/repro_small
     assert {r.overrides for r in main if r.attention == "diffv1"} == {("model.n_kv_heads=10",)}
     rc, out, err = call(S.main, [ROOT / "configs/suite/repro_small.yaml", "--phase", "main", "--out", tmp_path / "o",
                                  "--lr", "normal=1e-3", "large=8e-3", "--dry-run", "--", "model=tiny"])
