@@ -118,6 +118,9 @@ class TrainerConfig:
     max_bad_steps: int = 10  # nonfinite=skip: this many non-finite steps in a row save a checkpoint and stop the run
     preempt_check_interval: int = 1  # steps between the ranks' agreement on a received SIGUSR1/SIGTERM (save + stop)
     requeue: bool = True  # after a SIGUSR1 stop under SLURM, `scontrol requeue` the job (it resumes automatically)
+    profile_start: int = 0  # > 0: profile optimizer steps profile_start .. + profile_steps - 1 (torch.profiler; trace
+    # and operator table per rank under <run_dir>/profile/, see diffv2/profiling.py); 0 = off
+    profile_steps: int = 3
 
 
 @dataclass
@@ -304,8 +307,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("eval_interval", "ckpt_interval"):
         if getattr(t, key) < -1:
             raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= -1 (-1 = never, 0 = only at the end)")
-    for key in ("keep_last",):
+    for key in ("keep_last", "profile_start"):
         _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
+    _positive("trainer.profile_steps", t.profile_steps)
+    if t.profile_start and t.profile_start + t.profile_steps - 1 > t.max_steps:
+        raise ValueError(f"trainer.profile_start={t.profile_start} with trainer.profile_steps={t.profile_steps} ends "
+                         f"after trainer.max_steps={t.max_steps}; start the profile earlier or profile fewer steps")
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)

@@ -29,6 +29,7 @@ from diffv2.model import Transformer
 from diffv2.nonfinite import NonFiniteGuard
 from diffv2.optim import lr_at, set_lr
 from diffv2.preempt import PreemptionCallback
+from diffv2.profiling import ProfilerCallback
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.engine import build_engine
 from diffv2.record import write_record
@@ -211,6 +212,8 @@ class Trainer:
                         ", and λ statistics cover this rank's heads only" if cfg.parallel.tp > 1
                         else "")
         monitors.insert(0, PreemptionCallback(t.preempt_check_interval, t.requeue))
+        if t.profile_start:
+            monitors.append(ProfilerCallback(t.profile_start, t.profile_steps, pdist.rank()))
         ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
                            flops_per_token=counts.flops_per_token, tokens_per_step=tokens_per_step, start_step=step,
                            autocast_dtype=self.autocast_dtype,

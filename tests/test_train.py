@@ -99,6 +99,9 @@ def test_command_line_overrides_reach_nested_keys():
         (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
         (["model.attention.pairing=half_split", "attention=baseline"], "need attention.variant=diffv2"),
         (["data.prefixes=[a,b]", "data.weights=[1.0]"], "data.weights has 1 entries"),
+        (["trainer.max_steps=10", "trainer.profile_start=9", "trainer.profile_steps=3"], "ends after trainer.max_steps=10"),
+        (["trainer.profile_steps=0"], "trainer.profile_steps=0"),
+        (["trainer.profile_start=-1"], "trainer.profile_start=-1"),
     ],
 )
 def test_invalid_config_is_one_clear_error(overrides, message):
@@ -187,6 +190,23 @@ def test_baseline_runs_from_the_same_entry_point(tmp_path, data_cache):
     run_train(run_dir, data_cache, "attention=baseline", "trainer.max_steps=4", "trainer.log_interval=2")
     assert OmegaConf.load(run_dir / "config.yaml").model.attention.variant == "baseline"
     assert len(train_losses(run_dir)) == 2
+
+
+def test_profiled_steps_write_a_trace_and_an_operator_table(tmp_path, data_cache):
+    import gzip
+    import json
+
+    run_dir = tmp_path / "prof"
+    run_train(run_dir, data_cache, "trainer.max_steps=5", "trainer.log_interval=5", "trainer.profile_start=2",
+              "trainer.profile_steps=2", "trainer.eval_interval=-1", "trainer.ckpt_interval=-1")
+    trace = json.loads(gzip.decompress((run_dir / "profile" / "trace_rank0.json.gz").read_bytes()))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("aten::mm" in n or "aten::addmm" in n or "aten::bmm" in n for n in names)  # the model's matmuls
+    assert any(n.startswith("Optimizer.step") for n in names)  # the optimizer step is inside the window
+    table = (run_dir / "profile" / "ops_rank0.txt").read_text()
+    assert table.startswith("optimizer steps 2-3, sorted by self_cpu_time_total") and "Self CPU" in table
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == ["ops_rank0.txt", "trace_rank0.json.gz"]
+    assert len(train_losses(run_dir)) == 1  # the run itself is unchanged: it trains to the end
 
 
 def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path, data_cache, monkeypatch):
