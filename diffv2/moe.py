@@ -164,10 +164,15 @@ class MoE(nn.Module):
         loss = self.cfg.z_loss_coef * z if self.cfg.z_loss_coef else z.new_zeros(())
         if self.cfg.balance == "aux_loss":
             loss = loss + self.cfg.aux_loss_coef * aux
+        self._record(loss, aux, z, routed_E)
+
+    @torch.compiler.disable  # decided when it runs, never traced: forward and recomputation share one compiled graph
+    def _record(self, loss, aux, z, routed_E) -> None:
+        """Keep the router loss and statistics of the forward. Activation checkpointing re-runs the forward in
+        backward (the same ops, so that it saves the same tensors), but that loss was already taken and those tokens
+        already counted; storing the recomputed loss would keep the recomputed block's graph alive until the next
+        forward (~20 GiB per GPU on 30A3 with 4 GPUs)."""
         if recomputing():
-            # Activation checkpointing re-runs this forward in backward: the same ops (the recomputation must save
-            # the same tensors), but the loss was already taken and the tokens already counted. Storing this loss
-            # would keep the recomputed block's graph alive until the next forward (~20 GiB on 30A3, 4 GPUs).
             return
         self.last_aux_loss, self.last_z_loss = aux.detach(), z.detach()
         self.router_loss = loss

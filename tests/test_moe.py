@@ -194,8 +194,8 @@ def test_router_losses_enter_the_trained_loss_and_ce_stays_pure():
     assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("ac", ["full", "selective"])
-def test_activation_checkpointing_recomputation_leaves_no_trace(ac):
+@pytest.mark.parametrize("ac, compiled", [("full", False), ("selective", False), ("full", True)])
+def test_activation_checkpointing_recomputation_leaves_no_trace(ac, compiled):
     """A checkpointed MoE block runs its forward again in backward. That second run must not replace the router
     loss (the replacement's graph of recomputed activations, never backpropagated, stayed alive until the next
     forward: ~20 GiB on 30A3 at 4 GPUs), count its tokens again, or reach the monitoring observers; gradients and
@@ -208,6 +208,9 @@ def test_activation_checkpointing_recomputation_leaves_no_trace(ac):
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_activation_checkpointing(ac, every=2)
     assert checkpointed.checkpointed
+    if compiled:  # as trainer.compile: per block; the forward and its recomputation must save the same tensors
+        for block in checkpointed.blocks:
+            block.compile()
     tokens_BN = torch.randint(0, 64, (2, 12))
     seen = []
     for block in checkpointed.blocks:
@@ -223,9 +226,10 @@ def test_activation_checkpointing_recomputation_leaves_no_trace(ac):
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     assert seen == [0, 1]  # one observation per layer and forward
     (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.equal(loss_a, loss_b)
+    tol = dict(rtol=1e-5, atol=1e-6) if compiled else dict(rtol=1e-6, atol=1e-7)  # compiled kernels fuse differently
+    torch.testing.assert_close(loss_b, loss_a, **tol)
     for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_b[name], grad, **tol, msg=name)
 
 
 def test_recomputing_is_true_only_inside_the_recomputation():
