@@ -146,7 +146,11 @@ class MoE(nn.Module):
             logits_TE = F.linear(x_TM.to(dtype), self.router.weight.to(dtype))
         bias_E = self.expert_bias if self.cfg.balance == "aux_free" else None
         scores_TE, experts_TK, weights_TK = route(logits_TE, self.top_k, self.cfg.router, bias_E)
-        routed_E = torch.bincount(experts_TK.flatten(), minlength=self.n_experts).float()
+        # Tokens per expert with a static shape (bincount's depends on the data: a graph break under compile);
+        # integer counts, so the order of the additions cannot change them.
+        experts_A = experts_TK.flatten()
+        routed_E = torch.zeros(self.n_experts, dtype=torch.long, device=experts_A.device).scatter_add_(
+            0, experts_A, torch.ones_like(experts_A)).float()
         self._account(logits_TE, scores_TE, routed_E)
 
         y_TM = self._experts(x_TM, experts_TK, weights_TK, routed_E)
