@@ -191,7 +191,16 @@ class Attention(nn.Module):
         return cache.attend(q_BNQD, k_BLKD, v_BLKD, self.backend)  # bottom-right causal over the cached slots
 
     def _observe(self, **stats) -> None:
-        if self.observer is not None and not recomputing():  # a checkpointed block's recomputation: seen already
+        if self.observer is not None:
+            self._emit(stats)
+
+    @torch.compiler.disable
+    def _emit(self, stats: dict) -> None:
+        """Hand the statistics to the observer, outside any compiled graph: a compiled block breaks its graph here
+        (its statistics tensors become outputs) instead of tracing the observer, which would specialise the graph on
+        this layer's index and recompile once per layer. The same graphs serve a checkpointed block's recomputation,
+        which the observer has seen already."""
+        if not recomputing():
             self.observer(self.layer_idx, stats)
 
 

@@ -54,7 +54,7 @@ class ActivationMonitor(Callback):
         self._per_layer.setdefault(layer_idx, []).append(residual_stats(x_BNM, self.top_k))
 
     def on_train_end(self) -> None:
-        self.hub.unwatch(self.name)  # a run that fails mid-step leaves no observer (or eager stance) behind
+        self.hub.unwatch(self.name)  # a run that fails mid-step leaves no observer behind
 
     def on_before_optimizer_step(self, step: int) -> dict:
         if not every(step, self.interval, self.last):

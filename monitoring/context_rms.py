@@ -99,7 +99,7 @@ class ContextRMSMonitor(Callback):
             self._add("context_rms_floor", layer_idx, floor_H(scale), tokens)
 
     def on_train_end(self) -> None:
-        self.hub.unwatch(self.name)  # a run that fails mid-step leaves no observer (or eager stance) behind
+        self.hub.unwatch(self.name)  # a run that fails mid-step leaves no observer behind
 
     def on_before_optimizer_step(self, step: int) -> dict:
         if not every(step, self.interval, self.last):

@@ -78,7 +78,7 @@ class LambdaMonitor(Callback):
         self._tokens[layer_idx] = self._tokens.get(layer_idx, 0) + tokens
 
     def on_train_end(self) -> None:
-        self.hub.unwatch(self.name)  # a run that fails mid-step leaves no observer (or eager stance) behind
+        self.hub.unwatch(self.name)  # a run that fails mid-step leaves no observer behind
 
     def on_before_optimizer_step(self, step: int) -> dict:
         if not (self.active and every(step, self.interval, self.last)):

@@ -6,10 +6,12 @@ block). Several monitors may want the same slot on the same step, so the hub own
 A slot holds a function only while some monitor watches it; otherwise it stays None and the forward pass is
 exactly the unmonitored one.
 
-Under torch.compile, a monitored step runs eagerly: while any slot is set the compiler stance is
-"force_eager", so observers never enter a compiled graph. (Inside one, the observer call is a graph break whose
-resume code guards on each layer's integer `layer_idx`: one recompilation per layer, past dynamo's recompile
-limit on real models.) Unmonitored steps use the compiled blocks untouched. Probe passes run eagerly too.
+Under torch.compile (compiled blocks), a monitored step runs compiled too. The attention observer is called from
+`Attention._emit`, which the compiler never traces: a compiled block breaks its graph there, hands the statistics
+tensors out, and the observer runs eagerly on them. Since `_emit` reads the layer index itself, no graph depends on
+it: the observed variant of a block compiles once for all layers (tracing the observer would specialise on each
+layer's integer `layer_idx`: one recompilation per layer, past dynamo's recompile limit). The block observer is
+called between blocks, outside compiled code. Probe passes run eagerly (their own explicit math path).
 
 Legend: B batch, N sequence, M d_model.
 """
@@ -30,7 +32,6 @@ class ObserverHub:
         self.block_owners = [m for m in model.modules() if hasattr(m, "block_observer")]
         self._attention: dict[str, Callable] = {}
         self._blocks: dict[str, Callable] = {}
-        self._eager: Optional[object] = None  # the stance switch while a slot is set
 
     def watch_attention(self, key: str, fn: Callable[[int, dict], None]) -> None:
         self._attention[key] = fn
@@ -69,12 +70,6 @@ class ObserverHub:
         blocks = self._on_block if self._blocks else None
         for m in self.block_owners:
             m.block_observer = blocks
-        watching = bool(self._attention or self._blocks)
-        if watching and self._eager is None:
-            self._eager = torch.compiler.set_stance("force_eager")  # takes effect now, restores on __exit__
-        elif not watching and self._eager is not None:
-            self._eager.__exit__(None, None, None)
-            self._eager = None
 
     def _on_attention(self, layer_idx: int, stats: dict) -> None:
         with torch.no_grad():

@@ -231,6 +231,42 @@ def test_context_rms_monitor_logs_the_observed_contexts(variant, tmp_path):
     assert not ctx.observers.installed
 
 
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_observed_compiled_blocks_compile_once_for_every_layer(ac, tmp_path):
+    """With trainer.compile (compiled blocks), an observed step runs compiled: the monitors see the same
+    statistics as an eager model, every layer once per forward (not again in a checkpointed recomputation), and the
+    observed and unobserved variants of a block are compiled once for all 6 layers, however often the monitors arm
+    and disarm the observers."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = with_attention(ModelConfig(**{**BASE.__dict__, "n_layers": 6}), variant="diffv2")
+    eager, compiled = Transformer(cfg), Transformer(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.set_activation_checkpointing(ac)
+    for block in compiled.blocks:
+        block.compile()
+    seen = {"eager": [], "compiled": []}
+    graphs, start = [], counters["stats"]["unique_graphs"]  # the counters are process-wide
+    for step in range(1, 6):
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            hub = make_ctx(model, tmp_path).observers
+            if step % 2:  # observed steps 1, 3, 5; unobserved 2, 4
+                hub.watch_attention("t", lambda layer, stats, name=name: seen[name].append(
+                    (layer, stats["context"].float().square().mean().item(), stats["lambda_scale"].mean().item())))
+                hub.watch_blocks("b", lambda layer, x, name=name: seen[name].append((layer, x.abs().max().item())))
+            backward(model, seed=step)
+            hub.unwatch("t")
+            hub.unwatch("b")
+        graphs.append(counters["stats"]["unique_graphs"] - start)
+    assert [entry[0] for entry in seen["compiled"]] == [i for _ in range(3) for i in range(6) for _ in range(2)]
+    for a, b in zip(seen["eager"], seen["compiled"]):
+        assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
+    assert graphs[0] > 0  # the first, observed, step ran through compiled graphs (not a forced-eager step)
+    assert graphs[1] == graphs[-1] and graphs[-1] < 6  # nothing compiled after the first cycle; not one per layer
+
+
 # --- explicit attention math (probe) -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant, attention", [
