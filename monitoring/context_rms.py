@@ -48,11 +48,6 @@ def floor_H(scale_BNH: torch.Tensor) -> torch.Tensor:
     return ((1 - scale_BNH.detach().float()).abs() * inv_N[None, :, None]).mean(dim=(0, 1))
 
 
-def floor_mean(scale_BNH: torch.Tensor) -> torch.Tensor:
-    """Mean of |1 - s| / sqrt(t + 1) over tokens and heads."""
-    return floor_H(scale_BNH).mean()
-
-
 class ContextRMSMonitor(Callback):
     name = "context_rms"
 

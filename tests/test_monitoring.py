@@ -16,7 +16,7 @@ from monitoring.attention_math import lambda_scale, logits, pairs, project_qk, s
 from monitoring.attention_sinks import AttentionSinkMonitor
 from monitoring.build import build_monitors
 from monitoring.callback import StepResult, TrainContext, to_host
-from monitoring.context_rms import ContextRMSMonitor, context_rms_H, floor_mean
+from monitoring.context_rms import ContextRMSMonitor, context_rms_H, floor_H
 from monitoring.grad_norms import GradNormMonitor, kind_of, layer_of
 from monitoring.lambda_stats import LambdaMonitor
 from monitoring.moe import MoEMonitor
@@ -206,7 +206,7 @@ def test_context_rms_is_the_norm_of_the_differential_weights(sigma):
 
 def test_context_rms_floor_is_the_position_averaged_bound():
     scale = torch.full((2, 5, 3), 0.25)
-    assert floor_mean(scale).item() == pytest.approx(sum(0.75 / math.sqrt(t + 1) for t in range(5)) / 5)
+    assert floor_H(scale).mean().item() == pytest.approx(sum(0.75 / math.sqrt(t + 1) for t in range(5)) / 5)
 
 
 @pytest.mark.parametrize("variant", ["diffv2", "baseline"])
