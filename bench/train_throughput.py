@@ -4,10 +4,14 @@ Each arm runs the real trainer (data pipeline, compiled blocks, fused AdamW, fus
 steps on the shipped sample corpus, and reports tokens/s, TFLOP/s and MFU from the trainer's own metrics
 (FLOPs from diffv2/flops.py, DIFF V2's extra query heads counted), peak memory and data-loading share. MFU is
 against the dense BF16 datasheet peak (989 TFLOP/s for H100/H200); the table also gives the ratio to the
-measured 8192^3 bf16 matmul rate of the same GPU. With --profile, one extra step of each arm is profiled and
-its top kernels are saved.
+measured 8192^3 bf16 matmul rate of the same GPU. --accum K runs K micro-batches per optimizer step, as a real
+run with a global batch larger than one micro-batch does (the optimizer, clipping and grad-norm work is then paid
+once per K micro-batches). With --profile, two extra optimizer steps of each arm run under torch.profiler
+(trainer.profile_start) after the measured ones, and the operator table (top kernels by device time) is saved
+beside the results as profile-<preset>-<arm>-<gpu>-<stamp>.txt.
 
     python bench/train_throughput.py --preset 1b --seq 4096 --micro-batch 2 --steps 40
+    python bench/train_throughput.py --preset 1b --accum 8 --steps 12 --log-interval 4 --profile
 """
 
 from __future__ import annotations
@@ -54,10 +58,12 @@ def run_arm(args, arm: str, run_dir: Path) -> dict:
     from diffv2.trainer import Trainer
 
     register_configs()
+    profile = [f"trainer.profile_start={args.steps + 1}", "trainer.profile_steps=2"] if args.profile else []
     overrides = [
         f"model={args.preset}", f"attention={arm}", f"data.seq_len={args.seq}", f"model.max_seq_len={args.seq}",
-        f"trainer.micro_batch_size={args.micro_batch}", f"trainer.global_batch_size={args.micro_batch}",
-        f"trainer.max_steps={args.steps}", f"trainer.log_interval={args.log_interval}", "trainer.eval_interval=-1",
+        f"trainer.micro_batch_size={args.micro_batch}", f"trainer.global_batch_size={args.micro_batch * args.accum}",
+        f"trainer.max_steps={args.steps + (2 if args.profile else 0)}", f"trainer.log_interval={args.log_interval}",
+        "trainer.eval_interval=-1", *profile,
         "trainer.ckpt_interval=-1", f"trainer.compile={str(not args.no_compile).lower()}", "logging.progress=false",
         "logging.wandb.mode=disabled", f"data.num_workers={args.workers}", *args.override,
     ]
@@ -67,12 +73,14 @@ def run_arm(args, arm: str, run_dir: Path) -> dict:
     torch.cuda.reset_peak_memory_stats()
     Trainer(cfg, run_dir).run()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    perf = [r for r in rows if "perf/tokens_per_s" in r][1:]  # the first window holds compilation
+    # The first window holds compilation; the profiled steps after --steps are not measured.
+    perf = [r for r in rows if "perf/tokens_per_s" in r and r["step"] <= args.steps][1:]
     if not perf:
         raise SystemExit(f"--steps {args.steps} gives no measured window after warm-up; raise --steps")
     tok_s = statistics.median(r["perf/tokens_per_s"] for r in perf)
     mfu = statistics.median(r["perf/mfu"] for r in perf)
-    return dict(arm=arm, tokens_per_s=tok_s, mfu=mfu, tflops=mfu * 989.0,
+    ops = run_dir / "profile" / "ops_rank0.txt"
+    return dict(arm=arm, tokens_per_s=tok_s, mfu=mfu, tflops=mfu * 989.0, profile=ops.read_text() if args.profile else None,
                 data_share=max(r["perf/data_share"] for r in perf),
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, windows=len(perf), overrides=overrides)
 
@@ -83,6 +91,8 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=["baseline", "diffv2", "baseline_2h"])
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--profile", action="store_true", help="save a torch.profiler operator table per arm")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
@@ -100,7 +110,8 @@ def main() -> None:
             results.append(run_arm(args, arm, Path(tmp) / arm))
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
-    lines = [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch}, {gpu}; matmul 8192^3: {matmul:.0f} TFLOP/s",
+    lines = [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch} x {args.accum} per optimizer step, {gpu}; "
+             f"matmul 8192^3: {matmul:.0f} TFLOP/s",
              f"{'arm':<14} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'/matmul':>8} {'mem GB':>7} {'data':>6}"]
     for r in results:
         lines.append(f"{r['arm']:<14} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% "
@@ -113,7 +124,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / f"train-{args.preset}-s{args.seq}-{gpu.replace(' ', '_')}-{stamp}.json"
+    tag = f"{args.preset}-s{args.seq}-{gpu.replace(' ', '_')}-{stamp}"
+    for r in results:
+        table = r.pop("profile")
+        if table is not None:
+            profile_path = out / f"profile-{r['arm']}-{tag}.txt"
+            profile_path.write_text(table)
+            print(f"profile: {profile_path}")
+    path = out / f"train-{tag}.json"
     path.write_text(json.dumps({"command": " ".join(sys.argv), "env": versions(), "matmul_tflops": matmul,
                                 "table": lines, "results": results}, indent=1))
     print(f"results: {path}")

@@ -2,19 +2,24 @@
 
 No host synchronisation: the flag, the run of consecutive bad steps and the skipped-step total live on the
 device and are read with the other metrics at logging steps (`train/skipped_steps`, `train/nonfinite_streak`),
-which is also when the trainer decides to stop. The undo is the spike monitor's (monitoring/skip_step.py):
-parameters *and* optimizer state come back bit-identical, so when a stop saves a checkpoint, it holds the last
-good state. Cost: one copy of the local parameters and optimizer state per step (~3x the parameter memory for
-AdamW) and a few small kernels; trainer.nonfinite=ignore turns all of it off.
+which is also when the trainer decides to stop. Parameters *and* optimizer state stay bit-identical across a
+skipped step, so when a stop saves a checkpoint, it holds the last good state. Two ways, picked at construction:
+- **fused** (fused Adam/AdamW on plain tensors: the single-device GPU default): the optimizer's own `found_inf`
+  flag, set from the loss and the grad norm between clipping and the step (`gate`). The fused kernel then returns
+  before touching anything. Cost: a few scalar kernels per step, no copies.
+- **undo** (any other optimizer, sharded parameters): the spike monitor's snapshot (monitoring/skip_step.py):
+  one copy of the local parameters and optimizer state per step (~3x the parameter memory for AdamW), written
+  back where the flag is set.
+trainer.nonfinite=ignore turns all of it off.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from monitoring.skip_step import StepUndo
+from monitoring.skip_step import StepUndo, agree, fused_skip_works
 
 
 class NonFiniteGuard:
@@ -27,7 +32,10 @@ class NonFiniteGuard:
         self.mode = mode  # skip: stop after max_bad_steps in a row | stop: stop at the first
         self.limit = 1 if mode == "stop" else max_bad_steps
         assert undo or engine_skips or mode == "stop", "skipping a step needs the undo"
-        self.undo = StepUndo(model, optimizer) if undo else None
+        self.optimizer = optimizer
+        self.fused = undo and fused_skip_works(model, optimizer)
+        self.undo = StepUndo(model, optimizer) if undo and not self.fused else None
+        self._bad: Optional[torch.Tensor] = None  # the fused path's agreed flag, from gate() to after_step()
         self.engine_skips = engine_skips
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.streak = torch.zeros_like(self.skipped)  # consecutive bad steps up to now
@@ -37,9 +45,26 @@ class NonFiniteGuard:
         if self.undo is not None:
             self.undo.snapshot()
 
+    def gate(self, loss: torch.Tensor) -> Optional[Callable[[torch.Tensor], None]]:
+        """The fused path's hook, for the engine to call with the grad norm between clipping and optimizer.step
+        (None on the undo path): it arms the optimizer's found_inf flag when this step must be skipped."""
+        if not self.fused:
+            return None
+
+        def arm(grad_norm: torch.Tensor) -> None:
+            self._bad = agree(~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
+            self.optimizer.found_inf = self._bad.float()  # exactly 1.0 skips, as the fused kernels test it
+
+        return arm
+
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Undo the optimizer step just taken if the loss or grad norm is not finite; return that flag (0-d bool)."""
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.fused:
+            assert self._bad is not None, "NonFiniteGuard: the fused skip needs gate(loss) called before the step"
+            bad, self._bad = self._bad, None
+            del self.optimizer.found_inf  # a later step outside the guard must not see this one's flag
+        else:
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         if self.undo is not None:
             bad = self.undo.restore_if(bad)
         self.skipped = self.skipped + bad
@@ -47,9 +72,14 @@ class NonFiniteGuard:
         self.longest = torch.maximum(self.longest, self.streak)
         return bad
 
+    @property
+    def skips(self) -> bool:
+        """Does a bad step leave the state as it was (our undo or fused skip, or the engine's own skip)?"""
+        return self.fused or self.undo is not None or self.engine_skips
+
     def poisoned(self) -> bool:
-        """Without the undo: did any step apply a non-finite update? (a host read; checkpoint steps only)"""
-        return not self.engine_skips and bool(self.skipped.item() > 0)
+        """Without a skip: did any step apply a non-finite update? (a host read; checkpoint steps only)"""
+        return not self.skips and bool(self.skipped.item() > 0)
 
     def metrics(self) -> dict:
         """Device values for this logging step; the next window's longest streak starts from the current one."""

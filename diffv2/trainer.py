@@ -258,9 +258,10 @@ class Trainer:
                 faults.kill("backward", step + 1)
                 if guard is not None:
                     guard.before_step()
-                grad_norm = engine.optimizer_step(cfg.optim.grad_clip)
+                grad_norm = engine.optimizer_step(cfg.optim.grad_clip, guard.gate(step_loss) if guard else None)
                 # MoE aux-loss-free balancing moves the expert biases after every step, outside autograd (no-op if
-                # dense); before the guard, so a skipped step's bias move is undone with it.
+                # dense). The biases are buffers, which a skipped step does not restore: their move comes from the
+                # step's integer routing counts (finite even when the loss is not) and is a sign step of fixed size.
                 _unwrapped(model).update_expert_bias()
                 bad = guard.after_step(step_loss, grad_norm) if guard is not None else None
                 engine.zero_grad()
@@ -299,7 +300,7 @@ class Trainer:
                 asked = [m.should_stop() for m in monitors]  # every monitor, every rank: some ask collectively
                 stop = pdist.agree_on(diverged or next((r for r in asked if r), None))
                 saving = _due(step, t.ckpt_interval, last) or stop
-                if saving and guard is not None and guard.undo is None and guard.poisoned():
+                if saving and guard is not None and guard.poisoned():
                     raise RunStopped(
                         f"stopped at step {step}: a step had a non-finite loss or grad norm and the {engine.name} "
                         f"engine cannot undo it, so nothing was saved; the newest checkpoint in {self.ckpt_root} holds "

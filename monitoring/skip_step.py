@@ -27,6 +27,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def agree(skip: torch.Tensor) -> torch.Tensor:
+    """The 0-d bool flag, true on every rank if it is true on any (an asynchronous all-reduce, no host wait)."""
+    flag = skip.to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.bool()
+
+
+def fused_skip_works(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Can the optimizer itself skip a step, exactly and for free? Fused Adam/AdamW take a `found_inf` flag
+    (the one GradScaler uses): at 1.0 the kernel leaves parameters, moments and step counts as they were. Only for
+    plain tensors: sharded (DTensor) parameters keep the snapshot."""
+    fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")
+    return bool(fused) and not any(hasattr(p, "to_local") for p in model.parameters())
+
+
 class StepUndo:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -44,10 +60,7 @@ class StepUndo:
 
     def restore_if(self, skip: torch.Tensor) -> torch.Tensor:
         """After optimizer.step: put the snapshot back where `skip` (0-d bool) is true; returns the agreed flag."""
-        flag = skip.to(torch.int32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = flag.bool()
+        agreed = agree(skip)
         per_device: dict[torch.device, torch.Tensor] = {}
         for live, saved in zip(self._live, self._saved):
             cond: Optional[torch.Tensor] = per_device.get(live.device)

@@ -22,11 +22,14 @@ CFG = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, 
 CPU = torch.device("cpu")
 
 
-def build(max_bad_steps: int = 3, mode: str = "skip"):
+def build(max_bad_steps: int = 3, mode: str = "skip", fused: bool = False):
+    """`fused`: fused AdamW (CPU has the kernel too), whose found_inf flag the guard uses instead of the snapshot."""
     torch.manual_seed(0)
     model = Transformer(CFG)
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-2), CPU)
-    return model, optimizer, NonFiniteGuard(mode, max_bad_steps, model, optimizer, CPU)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, fused="on" if fused else "off"), CPU)
+    guard = NonFiniteGuard(mode, max_bad_steps, model, optimizer, CPU)
+    assert guard.fused == fused and (guard.undo is None) == fused
+    return model, optimizer, guard
 
 
 def step(model, optimizer, guard, poison: str = "") -> torch.Tensor:
@@ -42,6 +45,8 @@ def step(model, optimizer, guard, poison: str = "") -> torch.Tensor:
     bad = None
     if guard is not None:
         guard.before_step()
+        if (gate := guard.gate(ce.detach())) is not None:  # as Engine.optimizer_step calls it
+            gate(grad_norm)
     optimizer.step()
     if guard is not None:
         bad = guard.after_step(ce.detach(), grad_norm)
@@ -56,26 +61,42 @@ def state(model, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["undo", "fused"])
 @pytest.mark.parametrize("poison", ["nan_loss", "inf_loss", "nan_grad", "inf_grad"])
-def test_nonfinite_step_leaves_parameters_and_optimizer_state_bit_identical(poison):
-    model, optimizer, guard = build()
+def test_nonfinite_step_leaves_parameters_and_optimizer_state_bit_identical(poison, fused):
+    model, optimizer, guard = build(fused=fused)
     step(model, optimizer, guard)
     step(model, optimizer, guard)
     before = state(model, optimizer)
     assert bool(step(model, optimizer, guard, poison))
     assert differing_tensors(before, state(model, optimizer)) == []  # AdamW's step counters included
+    assert not hasattr(optimizer, "found_inf")  # disarmed: a plain step after the guard is a real step
+    assert not bool(step(model, optimizer, guard))
+    assert differing_tensors(before, state(model, optimizer))
 
 
-def test_finite_steps_are_exactly_plain_optimizer_steps():
-    guarded, plain = build(), build()
+def test_the_fused_skip_continues_as_if_the_bad_step_never_happened():
+    """Fused path: good, bad, good equals good, good; parameters, moments and bias-correction step counts."""
+    skipped, plain = build(fused=True), build(fused=True)
+    for poison in ("", "nan_grad", ""):
+        step(*skipped, poison)
+    for _ in range(2):
+        step(*plain)
+    assert differing_tensors(state(*skipped[:2]), state(*plain[:2])) == []
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["undo", "fused"])
+def test_finite_steps_are_exactly_plain_optimizer_steps(fused):
+    guarded, plain = build(fused=fused), build(fused=fused)
     for _ in range(3):
         assert not bool(step(*guarded))
         step(*plain[:2], None)
     assert differing_tensors(state(*guarded[:2]), state(*plain[:2])) == []
 
 
-def test_detection_reads_nothing_back_to_the_host(monkeypatch):
-    model, optimizer, guard = build()
+@pytest.mark.parametrize("fused", [False, True], ids=["undo", "fused"])
+def test_detection_reads_nothing_back_to_the_host(monkeypatch, fused):
+    model, optimizer, guard = build(fused=fused)
     step(model, optimizer, guard)
 
     def host_read(*args, **kwargs):
@@ -91,7 +112,13 @@ def test_detection_reads_nothing_back_to_the_host(monkeypatch):
                 return fn(*args)
         return run
 
-    guard.before_step, guard.after_step = checked(real_before), checked(real_after)
+    real_gate = guard.gate
+
+    def gate(loss):
+        arm = real_gate(loss)
+        return None if arm is None else checked(arm)
+
+    guard.before_step, guard.after_step, guard.gate = checked(real_before), checked(real_after), gate
     step(model, optimizer, guard, "nan_loss")
     guard.metrics()  # the counters stay on the device until the trainer's logging read
 
@@ -138,6 +165,7 @@ def runs(tmp_path_factory) -> dict[str, tuple]:
     jobs = {
         # two isolated bad steps: skipped, the run goes on
         "skip": ([], "nan_loss:3,4", None),
+        "skip_fused": (["optim.fused=on"], "inf_loss:3,4", None),  # the optimizer's found_inf instead of the undo
         # six in a row, read every 2 steps, limit 3: stops at the read of step 6; data workers and W&B are live
         "limit": (["trainer.log_interval=2", "trainer.max_bad_steps=3", "data.num_workers=1",
                    "logging.wandb.mode=offline"], "nan_loss:3,4,5,6,7,8", {"WANDB_MODE": "offline"}),
@@ -161,8 +189,12 @@ def test_isolated_bad_steps_are_skipped_logged_and_the_run_goes_on(runs):
     assert all(math.isfinite(rows[s]["train/loss"]) for s in (1, 2, *range(5, 13)))
 
 
-def test_skipped_steps_leave_the_checkpointed_state_bit_identical(runs):
-    run_dir, _ = runs["skip"]
+@pytest.mark.parametrize("job", ["skip", "skip_fused"])
+def test_skipped_steps_leave_the_checkpointed_state_bit_identical(runs, job):
+    run_dir, proc = runs[job]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {m["step"]: m for m in metrics(run_dir) if "train/loss" in m}
+    assert rows[12]["train/skipped_steps"] == 2
     assert differing_tensors(ckpt(run_dir, 4), ckpt(run_dir, 2)) == []
     assert differing_tensors(ckpt(run_dir, 6), ckpt(run_dir, 4))  # good steps move it again
 

@@ -180,8 +180,9 @@ class DeepSpeedEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(last_micro)
         self.ds.backward(loss, scale_wrt_gas=False)  # the loop already divided by the accumulation steps
 
-    def optimizer_step(self, max_norm: float) -> torch.Tensor:
-        """DeepSpeed clips with the configured `gradient_clipping`; the loop's max_norm must be the same value."""
+    def optimizer_step(self, max_norm: float, gate=None) -> torch.Tensor:
+        """DeepSpeed clips with the configured `gradient_clipping`; the loop's max_norm must be the same value.
+        No gate: DeepSpeed skips a non-finite step itself (the guard has no fused path here)."""
         if max_norm != self.ds.gradient_clipping():
             raise ValueError(f"optimizer_step(max_norm={max_norm}) but the DeepSpeed config clips at "
                              f"{self.ds.gradient_clipping()}; make gradient_clipping in the JSON equal optim.grad_clip")

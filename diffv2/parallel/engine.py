@@ -64,10 +64,13 @@ class Engine:
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         loss.backward()
 
-    def optimizer_step(self, max_norm: float) -> torch.Tensor:
+    def optimizer_step(self, max_norm: float, gate: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+        """`gate(norm)`, if given, runs between clipping and the step (the non-finite guard's fused skip)."""
         # The optimizer's own parameters: FSDP2 swaps a module's registered parameters for unsharded copies while
         # it is gathered (e.g. after a no-grad probe forward), so model.parameters() can miss the sharded grads.
         norm = clip_grad_norm((p for g in self.optimizer.param_groups for p in g["params"]), max_norm, self._plans)
+        if gate is not None:
+            gate(norm)
         self.optimizer.step()
         return norm
 
