@@ -7,8 +7,9 @@ against the dense BF16 datasheet peak (989 TFLOP/s for H100/H200); the table als
 measured 8192^3 bf16 matmul rate of the same GPU. --accum K runs K micro-batches per optimizer step, as a real
 run with a global batch larger than one micro-batch does (the optimizer, clipping and grad-norm work is then paid
 once per K micro-batches). With --profile, two extra optimizer steps of each arm run under torch.profiler
-(trainer.profile_start) after the measured ones, and the operator table (top kernels by device time) is saved
-beside the results as profile-<preset>-<arm>-<gpu>-<stamp>.txt.
+(trainer.profile_start) after the measured ones, and the kernel summary and operator table (device time by kernel
+kind, top kernels, device busy share) are saved beside the results as profile-<arm>-<preset>-...-<stamp>.txt.
+Every run takes one more step that is not measured: the last step of a run takes every monitor's final reading.
 
     python bench/train_throughput.py --preset 1b --seq 4096 --micro-batch 2 --steps 40
     python bench/train_throughput.py --preset 1b --accum 8 --steps 12 --log-interval 4 --profile
@@ -62,7 +63,8 @@ def run_arm(args, arm: str, run_dir: Path) -> dict:
     overrides = [
         f"model={args.preset}", f"attention={arm}", f"data.seq_len={args.seq}", f"model.max_seq_len={args.seq}",
         f"trainer.micro_batch_size={args.micro_batch}", f"trainer.global_batch_size={args.micro_batch * args.accum}",
-        f"trainer.max_steps={args.steps + (2 if args.profile else 0)}", f"trainer.log_interval={args.log_interval}",
+        # One step past the measured (and profiled) ones: the run's last step takes every monitor's final reading.
+        f"trainer.max_steps={args.steps + (3 if args.profile else 1)}", f"trainer.log_interval={args.log_interval}",
         "trainer.eval_interval=-1", *profile,
         "trainer.ckpt_interval=-1", f"trainer.compile={str(not args.no_compile).lower()}", "logging.progress=false",
         "logging.wandb.mode=disabled", f"data.num_workers={args.workers}", *args.override,
@@ -73,7 +75,7 @@ def run_arm(args, arm: str, run_dir: Path) -> dict:
     torch.cuda.reset_peak_memory_stats()
     Trainer(cfg, run_dir).run()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # The first window holds compilation; the profiled steps after --steps are not measured.
+    # The first window holds compilation; the steps after --steps (profiled, last) are not measured.
     perf = [r for r in rows if "perf/tokens_per_s" in r and r["step"] <= args.steps][1:]
     if not perf:
         raise SystemExit(f"--steps {args.steps} gives no measured window after warm-up; raise --steps")

@@ -2,8 +2,11 @@
 
 Every rank writes, under `<run_dir>/profile/`:
 - `trace_rank<R>.json.gz`: a Chrome/Perfetto trace (open it at ui.perfetto.dev or chrome://tracing);
-- `ops_rank<R>.txt`: the operators of those steps, sorted by their own device time (CPU time without a GPU), as
-  torch.profiler's `key_averages().table()` prints them.
+- `ops_rank<R>.txt`: first a summary of the device kernels by kind (matmul, attention, compiled/fused, elementwise,
+  reductions, copies and casts, optimizer, collectives, other) with each kind's share of device time, the
+  slowest kernels, and how busy the device was over the profiled steps' wall time (a low share means the host
+  or a synchronisation holds the GPU back); then every operator, sorted by its own device time (CPU time
+  without a GPU), as torch.profiler's `key_averages().table()` prints it.
 
 Steps before K run unprofiled (with compiled blocks, put K past the compilation: 10 or more). The profiler's own
 cost lands in the profiled steps only; the run's throughput windows that include them read lower.
@@ -14,7 +17,9 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +28,44 @@ import torch
 from monitoring.callback import Callback, StepResult, TrainContext
 
 log = logging.getLogger(__name__)
+
+
+# Kernel name -> kind, first match wins (names as CUDA/cuDNN/cuBLAS/Triton/NCCL report them on Hopper).
+KINDS = (
+    ("collective", r"nccl"),
+    ("attention", r"sdpa|fmha|flash|attention|fort_native"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|sm90_.*(tst|tnt|nnt)|grouped_mm|cublas"),
+    ("compiled (triton)", r"^triton_"),
+    ("copy / cast", r"memcpy|memset|copy|cast|convert"),
+    ("reduction", r"reduce|softmax|norm|cumsum|scan|sort|topk"),
+    ("elementwise", r"elementwise|vectorized|unrolled|fill|where|index"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), "other")
+
+
+def kernel_summary(kernels: list[tuple[str, float, int]], wall_us: float, top: int = 15) -> str:
+    """(name, device us, calls) per kernel -> a text table by kind and the `top` slowest kernels."""
+    total = sum(us for _, us, _ in kernels)
+    if total <= 0:
+        return "no device kernels recorded\n"
+    by_kind: dict[str, list[float]] = {}
+    for name, us, calls in kernels:
+        row = by_kind.setdefault(kernel_kind(name), [0.0, 0])
+        row[0] += us
+        row[1] += calls
+    lines = [f"device busy {total / 1e3:,.1f} ms of {wall_us / 1e3:,.1f} ms wall ({100 * total / wall_us:.1f}%)",
+             f"{'kind':<20} {'ms':>10} {'share':>7} {'kernels':>8}"]
+    for kind, (us, calls) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{kind:<20} {us / 1e3:>10,.1f} {100 * us / total:>6.1f}% {calls:>8}")
+    lines += ["", f"top {top} kernels", f"{'ms':>10} {'share':>7} {'calls':>6}  {'kind':<18} name"]
+    for name, us, calls in sorted(kernels, key=lambda k: -k[1])[:top]:
+        lines.append(f"{us / 1e3:>10,.2f} {100 * us / total:>6.1f}% {calls:>6}  {kernel_kind(name):<18} {name[:110]}")
+    return "\n".join(lines) + "\n"
 
 
 class ProfilerCallback(Callback):
@@ -48,6 +91,9 @@ class ProfilerCallback(Callback):
             if self._cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profile = torch.profiler.profile(activities=activities, record_shapes=self.record_shapes)
+            if self._cuda:
+                torch.cuda.synchronize()
+            self._started = time.perf_counter()
             self._profile.__enter__()
 
     def on_step_end(self, result: StepResult) -> dict:
@@ -62,6 +108,7 @@ class ProfilerCallback(Callback):
     def _finish(self, step: Optional[int]) -> None:
         if self._cuda:
             torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - self._started) * 1e6
         profile, self._profile = self._profile, None
         profile.__exit__(None, None, None)
         self._out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +121,14 @@ class ProfilerCallback(Callback):
         raw.unlink()
         sort = "self_device_time_total" if self._cuda else "self_cpu_time_total"
         steps = f"steps {self.start}-{step}" if step is not None else f"steps {self.start}- (the run ended)"
-        table = profile.key_averages().table(sort_by=sort, row_limit=self.row_limit)
-        (self._out / f"ops_rank{self.rank}.txt").write_text(f"optimizer {steps}, sorted by {sort}\n{table}\n")
+        averages = profile.key_averages()
+        table = averages.table(sort_by=sort, row_limit=self.row_limit)
+        summary = "no device (CPU run): the operator table below has the CPU times\n"
+        if self._cuda:
+            kernels = [(e.key, e.self_device_time_total, e.count) for e in averages
+                       if e.device_type == torch.autograd.DeviceType.CUDA]
+            summary = kernel_summary(kernels, wall_us)
+        (self._out / f"ops_rank{self.rank}.txt").write_text(
+            f"optimizer {steps}\n\n{summary}\noperators sorted by {sort}\n{table}\n")
         if self.rank == 0:
             log.info("profiler: %s written to %s (trace_rank*.json.gz, ops_rank*.txt)", steps, self._out)

@@ -204,9 +204,36 @@ def test_profiled_steps_write_a_trace_and_an_operator_table(tmp_path, data_cache
     assert any("aten::mm" in n or "aten::addmm" in n or "aten::bmm" in n for n in names)  # the model's matmuls
     assert any(n.startswith("Optimizer.step") for n in names)  # the optimizer step is inside the window
     table = (run_dir / "profile" / "ops_rank0.txt").read_text()
-    assert table.startswith("optimizer steps 2-3, sorted by self_cpu_time_total") and "Self CPU" in table
+    assert table.startswith("optimizer steps 2-3\n") and "operators sorted by self_cpu_time_total" in table
+    assert "Self CPU" in table and "no device (CPU run)" in table
     assert sorted(p.name for p in (run_dir / "profile").iterdir()) == ["ops_rank0.txt", "trace_rank0.json.gz"]
     assert len(train_losses(run_dir)) == 1  # the run itself is unchanged: it trains to the end
+
+
+def test_kernel_summary_sorts_device_time_into_kinds():
+    from diffv2.profiling import kernel_kind, kernel_summary
+
+    kinds = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg_knob_7": "attention",
+        "triton_poi_fused__unsafe_view_mul_silu_2": "compiled (triton)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "Memcpy DtoD (Device -> Device)": "copy / cast",
+        "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>": "copy / cast",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, float>": "reduction",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "elementwise",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "collective",
+        "some_custom_kernel": "other",
+    }
+    assert {name: kernel_kind(name) for name in kinds} == kinds
+    text = kernel_summary([("nvjet_sm90_tst_a", 600.0, 3), ("triton_poi_x", 300.0, 2), ("Memcpy HtoD", 100.0, 1)],
+                          wall_us=2000.0, top=2)
+    lines = text.splitlines()
+    assert lines[0] == "device busy 1.0 ms of 2.0 ms wall (50.0%)"
+    assert lines[2].split() == ["matmul", "0.6", "60.0%", "3"] and lines[3].split()[-3:] == ["0.3", "30.0%", "2"]
+    assert [line.split()[-1] for line in lines[-2:]] == ["nvjet_sm90_tst_a", "triton_poi_x"]  # top 2 only
+    assert kernel_summary([], 1.0) == "no device kernels recorded\n"
 
 
 def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path, data_cache, monkeypatch):
