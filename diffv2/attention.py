@@ -128,8 +128,13 @@ class Attention(nn.Module):
         self.observer: Optional[Observer] = None
 
     def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Causal self-attention over x; with a cache, x holds the new tokens and attends to every cached slot too."""
+                cache: Optional[KVCache] = None, observe: Optional[bool] = None) -> torch.Tensor:
+        """Causal self-attention over x; with a cache, x holds the new tokens and attends to every cached slot too.
+
+        `observe`: compute the observer's statistics in this forward (None: whenever an observer is installed).
+        Compiled callers pass it explicitly, so the graph never depends on a guard on the `observer` attribute: on
+        torch 2.11 (GPU), a compiled block that read the attribute ran its observed graph after the slot had been
+        emptied."""
         b, n, _ = x_BNM.shape
         # Head counts come from the projections: under tensor parallelism they hold this rank's heads only.
         q_BNQD = self.q_proj(x_BNM).view(b, n, -1, self.head_dim)
@@ -143,6 +148,8 @@ class Attention(nn.Module):
         # spec §2.5: the cache holds k and v only; queries, lambda and the combination are per new token.
         k_BLKD, v_BLKD = (k_BNKD, v_BNKD) if cache is None else cache.update(self.layer_idx, k_BNKD, v_BNKD)
         decoding = {} if cache is None else {"cache": cache}  # training calls the cores as always (hooks wrap them)
+        if observe is not None:
+            decoding["observe"] = observe
         if self.variant == "diffv1":
             ctx_BNHD = self.diffv1_core(q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, **decoding)
         else:
@@ -150,22 +157,28 @@ class Attention(nn.Module):
             ctx_BNHD = self.core(q_BNQD, k_BLKD, v_BLKD, lam_BNH, doc_ids_BN, **decoding)
         return self.o_proj(ctx_BNHD.reshape(b, n, -1))
 
-    def core(self, q_BNQD, k_BLKD, v_BLKD, lam_BNH=None, doc_ids_BN=None, *, cache=None) -> torch.Tensor:
+    def core(self, q_BNQD, k_BLKD, v_BLKD, lam_BNH=None, doc_ids_BN=None, *, cache=None,
+             observe: Optional[bool] = None) -> torch.Tensor:
         """Attention kernel, then (DIFF V2) the per-pair differential combination; returns (B, N, H, D)."""
+        observe = self.observer is not None if observe is None else observe
         attn_BNQD = self._attend(q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, cache)
         if self.variant != "diffv2":
-            self._observe(context=attn_BNQD)
+            if observe:
+                self._emit(dict(context=attn_BNQD))
             return attn_BNQD
         if self.cfg.pairing == "interleave":  # spec §2.4: heads 2i, 2i+1 share a GQA group
             attn1_BNHD, attn2_BNHD = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
         else:  # ablation 1 (spec R3): pairs across groups
             attn1_BNHD, attn2_BNHD = attn_BNQD.chunk(2, dim=2)
         ctx_BNHD, scale_BNH = combine(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
-        self._observe(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH)
+        if observe:
+            self._emit(dict(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH))
         return ctx_BNHD
 
-    def diffv1_core(self, q_BNQD, k_BLKD, v_BLKE, doc_ids_BN=None, *, cache=None) -> torch.Tensor:
+    def diffv1_core(self, q_BNQD, k_BLKD, v_BLKE, doc_ids_BN=None, *, cache=None,
+                    observe: Optional[bool] = None) -> torch.Tensor:
         """DIFF V1, flash-version semantics (spec §3, A24): q1/k1 = even heads, q2/k2 = odd heads, V of width 2D."""
+        observe = self.observer is not None if observe is None else observe
         d = self.head_dim
         q12 = torch.cat((q_BNQD[:, :, 0::2], q_BNQD[:, :, 1::2]), dim=2)  # [q1 heads | q2 heads]
         k12 = torch.cat((k_BLKD[:, :, 0::2], k_BLKD[:, :, 1::2]), dim=2)  # [k1 heads | k2 heads]
@@ -182,7 +195,8 @@ class Attention(nn.Module):
         ctx = self.subln(attn1_BNHE - lam * attn2_BNHE) * (1 - self.lambda_init)
         b, n, hh, _ = ctx.shape
         ctx_BNHD = ctx.reshape(b, n, 2 * hh, d)
-        self._observe(context=ctx_BNHD, lambda_full=lam)
+        if observe:
+            self._emit(dict(context=ctx_BNHD, lambda_full=lam))
         return ctx_BNHD
 
     def _attend(self, q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, cache) -> torch.Tensor:
@@ -190,17 +204,14 @@ class Attention(nn.Module):
             return causal_attention(q_BNQD, k_BLKD, v_BLKD, self.backend, doc_ids_BN)
         return cache.attend(q_BNQD, k_BLKD, v_BLKD, self.backend)  # bottom-right causal over the cached slots
 
-    def _observe(self, **stats) -> None:
-        if self.observer is not None:
-            self._emit(stats)
-
     @torch.compiler.disable
     def _emit(self, stats: dict) -> None:
         """Hand the statistics to the observer, outside any compiled graph: a compiled block breaks its graph here
         (its statistics tensors become outputs) instead of tracing the observer, which would specialise the graph on
         this layer's index and recompile once per layer. The same graphs serve a checkpointed block's recomputation,
-        which the observer has seen already."""
-        if not recomputing():
+        which the observer has seen already. The slot is read here, outside the graph: emptied since the caller
+        decided to observe, the statistics are dropped."""
+        if self.observer is not None and not recomputing():
             self.observer(self.layer_idx, stats)
 
 

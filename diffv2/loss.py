@@ -32,8 +32,13 @@ def _compiled_chunk():
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_TM, weight_VM, labels_T, chunk: int, z_coef: float):
+    def forward(ctx, h_TM, weight_VM, labels_T, chunk: int, z_coef: float, compute_dtype):
         n = labels_T.numel()
+        param_dtype = weight_VM.dtype
+        # The weight's compute copy is made here, not by autocast: its gradient, accumulated over the chunks in fp32,
+        # then goes to the (fp32) parameter as it is, instead of being rounded to bf16 and cast back.
+        if compute_dtype is not None:
+            weight_VM = weight_VM.to(compute_dtype)
         chunk_fn = _compiled_chunk() if h_TM.is_cuda else _chunk_loss_and_grad
         grad_h_TM = torch.empty_like(h_TM)
         grad_w_VM = None
@@ -47,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h_TM[start : start + chunk] = grad_CV @ weight_VM
             grad_w_chunk = grad_CV.t() @ h_CM
             grad_w_VM = grad_w_chunk.float() if grad_w_VM is None else grad_w_VM.add_(grad_w_chunk)
-        ctx.save_for_backward(grad_h_TM, grad_w_VM.to(weight_VM.dtype))
+        ctx.save_for_backward(grad_h_TM, grad_w_VM.to(param_dtype))
         ce, z = ce_sum / n, z_sum / n
         ctx.mark_non_differentiable(ce, z)
         return ce + z_coef * z, ce, z
@@ -55,13 +60,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_z):
         grad_h_TM, grad_w_VM = ctx.saved_tensors
-        return grad_h_TM * grad_loss.to(grad_h_TM.dtype), grad_w_VM * grad_loss.to(grad_w_VM.dtype), None, None, None
+        return (grad_h_TM * grad_loss.to(grad_h_TM.dtype), grad_w_VM * grad_loss.to(grad_w_VM.dtype),
+                None, None, None, None)
 
 
 def linear_cross_entropy(h_TM, weight_VM, labels_T, chunk: int = 8192, z_coef: float = 0.0):
     """Returns (loss = ce + z_coef * z, ce, z) as means over tokens; only `loss` carries gradients."""
+    compute_dtype = None
     if torch.is_autocast_enabled(h_TM.device.type):
-        dtype = torch.get_autocast_dtype(h_TM.device.type)
-        h_TM, weight_VM = h_TM.to(dtype), weight_VM.to(dtype)
+        compute_dtype = torch.get_autocast_dtype(h_TM.device.type)
+        h_TM = h_TM.to(compute_dtype)
     with torch.autocast(h_TM.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h_TM, weight_VM, labels_T, chunk, z_coef)
+        return _LinearCrossEntropy.apply(h_TM, weight_VM, labels_T, chunk, z_coef, compute_dtype)

@@ -47,8 +47,9 @@ class Block(nn.Module):
         self.mlp = MoE(cfg.d_model, cfg.moe, layer_idx) if moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        x_BNM = x_BNM + self.attn(self.attn_norm(x_BNM), doc_ids_BN, cache)
+                cache: Optional[KVCache] = None, observe: Optional[bool] = None) -> torch.Tensor:
+        """`observe`: see Attention.forward (the caller of a compiled block passes it)."""
+        x_BNM = x_BNM + self.attn(self.attn_norm(x_BNM), doc_ids_BN, cache, observe=observe)
         return x_BNM + self.mlp(self.mlp_norm(x_BNM))
 
 
@@ -163,10 +164,14 @@ class Transformer(nn.Module):
         x_BNM = self.embed(tokens_BN)
         recompute = self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
+            # An argument, not an attribute read inside the block: a compiled block is then specialised on it for
+            # sure (dynamo guards every bool argument), whatever a torch version does with module-attribute guards.
+            observe = block.attn.observer is not None
             if recompute and i in self.checkpointed:
-                x_BNM = checkpoint(block, x_BNM, doc_ids_BN, use_reentrant=False, context_fn=checkpoint_contexts)
+                x_BNM = checkpoint(block, x_BNM, doc_ids_BN, None, observe, use_reentrant=False,
+                                   context_fn=checkpoint_contexts)
             else:
-                x_BNM = block(x_BNM, doc_ids_BN, cache)
+                x_BNM = block(x_BNM, doc_ids_BN, cache, observe)
             if self.block_observer is not None:
                 self.block_observer(block.attn.layer_idx, x_BNM)
         if cache is not None:

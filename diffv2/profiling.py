@@ -125,8 +125,10 @@ class ProfilerCallback(Callback):
         table = averages.table(sort_by=sort, row_limit=self.row_limit)
         summary = "no device (CPU run): the operator table below has the CPU times\n"
         if self._cuda:
+            # Device kernels only: a GPU user annotation (Optimizer.step#AdamW.step) spans kernels already counted.
             kernels = [(e.key, e.self_device_time_total, e.count) for e in averages
-                       if e.device_type == torch.autograd.DeviceType.CUDA]
+                       if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                       and "#" not in e.key]
             summary = kernel_summary(kernels, wall_us)
         (self._out / f"ops_rank{self.rank}.txt").write_text(
             f"optimizer {steps}\n\n{summary}\noperators sorted by {sort}\n{table}\n")

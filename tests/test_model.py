@@ -235,6 +235,25 @@ def test_linear_cross_entropy_matches_full_logits(chunk, z_coef):
     assert not ce.requires_grad and not z.requires_grad
 
 
+def test_linear_cross_entropy_under_autocast_keeps_the_weight_gradient_in_fp32():
+    """bf16 autocast: the matmuls run in bf16, but the fp32 weight's gradient is the fp32 sum over chunks handed to
+    the parameter as it is (not rounded to bf16 and cast back); it matches fp64 math on the bf16-rounded inputs."""
+    torch.manual_seed(0)
+    T, M, V = 96, 64, 128
+    h = torch.randn(T, M).requires_grad_(True)
+    w = (torch.randn(V, M) * 0.5).requires_grad_(True)
+    y = torch.randint(0, V, (T,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, y, 32)[0]
+    loss.backward()
+    assert w.grad.dtype == torch.float32
+    assert not torch.equal(w.grad, w.grad.bfloat16().float())  # more bits than a bf16 round trip keeps
+    h64 = h.detach().bfloat16().double().requires_grad_(True)
+    w64 = w.detach().bfloat16().double().requires_grad_(True)
+    reference_ce(h64, w64, y, 0.0)[0].backward()
+    assert_rel_close(w.grad, w64.grad, 2e-2, 0.0, "dL/dW")  # bf16 logits and chunk gradients, fp32 sums
+
+
 @pytest.mark.parametrize("variant", list(VARIANT_ATTN))
 def test_transformer_loss_equals_ce_of_forward_logits(variant):
     """`Transformer.loss` = CE (+ z-loss) of `Transformer.forward`'s logits, in value and every parameter gradient."""

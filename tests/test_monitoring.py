@@ -235,13 +235,13 @@ def test_context_rms_monitor_logs_the_observed_contexts(variant, tmp_path):
 def test_observed_compiled_blocks_compile_once_for_every_layer(ac, tmp_path):
     """With trainer.compile (compiled blocks), an observed step runs compiled: the monitors see the same
     statistics as an eager model, every layer once per forward (not again in a checkpointed recomputation), and the
-    observed and unobserved variants of a block are compiled once for all 6 layers, however often the monitors arm
-    and disarm the observers."""
+    observed and unobserved variants of a block are compiled once for all 8 layers (fewer graphs than layers: a
+    per-layer specialisation would make one or more per layer), however often the monitors arm and disarm."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = with_attention(ModelConfig(**{**BASE.__dict__, "n_layers": 6}), variant="diffv2")
+    cfg = with_attention(ModelConfig(**{**BASE.__dict__, "n_layers": 8}), variant="diffv2")
     eager, compiled = Transformer(cfg), Transformer(cfg)
     compiled.load_state_dict(eager.state_dict())
     compiled.set_activation_checkpointing(ac)
@@ -260,11 +260,32 @@ def test_observed_compiled_blocks_compile_once_for_every_layer(ac, tmp_path):
             hub.unwatch("t")
             hub.unwatch("b")
         graphs.append(counters["stats"]["unique_graphs"] - start)
-    assert [entry[0] for entry in seen["compiled"]] == [i for _ in range(3) for i in range(6) for _ in range(2)]
+    assert [entry[0] for entry in seen["compiled"]] == [i for _ in range(3) for i in range(8) for _ in range(2)]
     for a, b in zip(seen["eager"], seen["compiled"]):
         assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
     assert graphs[0] > 0  # the first, observed, step ran through compiled graphs (not a forced-eager step)
-    assert graphs[1] == graphs[-1] and graphs[-1] < 6  # nothing compiled after the first cycle; not one per layer
+    assert graphs[1] == graphs[-1] and graphs[-1] < 8  # nothing compiled after the first cycle; not one per layer
+
+
+def test_a_compiled_block_observes_by_its_argument_and_never_calls_an_emptied_slot():
+    """The model passes `observe` to each block: the compiled graph is chosen by that argument (a guard every torch
+    version keeps), not by a guard on the `observer` attribute; a slot emptied after the decision drops the
+    statistics instead of calling None (what a stale observed graph did on torch 2.11 on GPU)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = with_attention(ModelConfig(**{**BASE.__dict__, "n_layers": 1}), variant="diffv2")
+    block = Transformer(cfg).blocks[0]
+    block.compile()
+    x = torch.randn(2, 8, cfg.d_model)
+    calls = []
+    block.attn.observer = lambda layer, stats: calls.append(sorted(stats))
+    block(x, None, None, True)
+    assert calls == [["attn1", "attn2", "context", "lambda_scale"]]
+    block(x, None, None, False)  # observer installed, but the caller decided not to observe
+    assert len(calls) == 1
+    block.attn.observer = None
+    block(x, None, None, True)  # the observed graph with an emptied slot: nothing is called
+    assert len(calls) == 1
 
 
 # --- explicit attention math (probe) -----------------------------------------------------------------------------
