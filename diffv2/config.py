@@ -113,6 +113,8 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "auto"  # auto (latest valid checkpoint in the run dir) | none | path to a checkpoint
     compile: bool = False  # torch.compile each block
+    bf16_weights: bool = False  # bf16 Linear weights cast once per optimizer step, not per micro-batch (one process,
+    # bf16 autocast; same arithmetic; see diffv2/compute_weights.py)
     deterministic: bool = True  # deterministic algorithms on CPU (exact resume); off on GPU for speed
     nonfinite: str = "skip"  # NaN/Inf loss or grad norm: skip (undo the step) | stop (at the first) | ignore (no check)
     max_bad_steps: int = 10  # nonfinite=skip: this many non-finite steps in a row save a checkpoint and stop the run

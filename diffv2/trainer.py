@@ -10,6 +10,7 @@ rank skipped. No host synchronisation inside a step except at log, eval and chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from diffv2 import checkpoint, faults
+from diffv2.compute_weights import ComputeWeights
 from diffv2.config import Config
 from diffv2.flops import count
 from diffv2.kernels import doc_ids_from_tokens, resolve_backend
@@ -78,6 +80,12 @@ class Trainer:
         self.backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask)
         bf16 = t.precision == "bf16" or (t.precision == "auto" and want_cuda)
         self.autocast_dtype = torch.bfloat16 if bf16 else None
+        if t.bf16_weights and self.autocast_dtype is None:
+            raise ValueError("trainer.bf16_weights=true needs bf16 autocast: set trainer.precision=bf16 (auto is fp32 "
+                             "on CPU) or drop trainer.bf16_weights")
+        if t.bf16_weights and (self.env.world_size > 1 or cfg.parallel.engine == "deepspeed"):
+            raise ValueError("trainer.bf16_weights=true works in one process with the plain engine (FSDP2's "
+                             "MixedPrecisionPolicy does this job on several GPUs); drop trainer.bf16_weights")
         self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.ckpt_root = run_dir / "checkpoints"
         # Before any expensive work: a bad path fails now. Rank 0 reads the disk; every rank gets its answer.
@@ -235,6 +243,7 @@ class Trainer:
                    dynamic_ncols=True)
         ce_sum, window_steps = torch.zeros((), device=self.device), 0
         say = bar.write if self.rank0 else (lambda _: None)  # console lines once, from rank 0
+        weights = ComputeWeights(_unwrapped(model), self.autocast_dtype) if t.bf16_weights else None
 
         try:
             while step < t.max_steps:
@@ -245,13 +254,18 @@ class Trainer:
                 faults.kill("step", step + 1)
                 faults.rank_fault(step + 1)
                 step_loss, data_time = torch.zeros((), device=self.device), 0.0
+                if weights is not None:
+                    weights.refresh()
                 for micro in range(self.accum):
                     t0 = time.perf_counter()
                     tokens = next(batches).to(self.device, non_blocking=True)
                     data_time += time.perf_counter() - t0
-                    loss, ce, _ = self._forward(model, tokens, eod)
-                    loss, ce = faults.poison_loss(step + 1, loss, ce)
-                    engine.backward(loss / self.accum, last_micro=micro == self.accum - 1)
+                    with weights.swapped() if weights is not None else contextlib.nullcontext():
+                        loss, ce, _ = self._forward(model, tokens, eod)
+                        loss, ce = faults.poison_loss(step + 1, loss, ce)
+                        engine.backward(loss / self.accum, last_micro=micro == self.accum - 1)
+                    if weights is not None:
+                        weights.accumulate()
                     step_loss += ce.detach() / self.accum
                 step_loss = pdist.mean_over_ranks(step_loss)  # async on GPU: no host wait
                 metrics = {k: v for m in monitors for k, v in m.on_before_optimizer_step(step + 1).items()}

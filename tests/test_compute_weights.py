@@ -1,0 +1,109 @@
+"""trainer.bf16_weights: bf16 weight copies cast once per optimizer step give the training run of plain autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from cli_runs import checkpoint_tensors, differing_tensors, error_line, metrics, train
+from diffv2.compute_weights import ComputeWeights
+from diffv2.config import AttentionConfig, ModelConfig, MoEConfig
+from diffv2.model import Transformer
+
+BF16 = torch.bfloat16
+
+
+def tiny(variant: str, moe: bool = False) -> ModelConfig:
+    kw = dict(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32, n_shared_experts=1)) if moe else {}
+    return ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=128, vocab_size=97,
+                       max_seq_len=32, attention=AttentionConfig(variant=variant), **kw)
+
+
+def micro_batches(n: int, vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, vocab, (2, 17), generator=g) for _ in range(n)]
+
+
+def grads_after(model, batches, weights=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One optimizer step's worth of micro-batches under bf16 autocast, as the trainer runs them."""
+    losses = []
+    if weights is not None:
+        weights.refresh()
+    for tokens in batches:
+        with weights.swapped() if weights is not None else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=BF16):
+                loss = model.loss(tokens[:, :-1], tokens[:, 1:])[0]
+            (loss / len(batches)).backward()
+        if weights is not None:
+            weights.accumulate()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant, moe, ac", [("diffv2", False, "none"), ("baseline", False, "none"),
+                                             ("diffv1", False, "none"), ("diffv2", False, "full"),
+                                             ("diffv2", True, "none")])
+def test_bf16_weight_copies_give_autocast_losses_and_gradients_bit_for_bit(variant, moe, ac):
+    torch.manual_seed(0)
+    plain = Transformer(tiny(variant, moe))
+    plain.set_activation_checkpointing(ac)
+    swapped = copy.deepcopy(plain)
+    weights = ComputeWeights(swapped, BF16)
+    names = set(weights.names)
+    assert names and all(".attn." in n or ".mlp." in n for n in names)
+    assert not any("router" in n or "lm_head" in n for n in names)  # fp32 router logits; the CE casts the lm_head
+    batches = micro_batches(3, plain.cfg.vocab_size)
+    losses_a, grads_a = grads_after(plain, batches)
+    losses_b, grads_b = grads_after(swapped, batches, weights)
+    assert losses_a == losses_b
+    assert grads_a.keys() == grads_b.keys() and differing_tensors(grads_a, grads_b) == []
+    assert all(g.dtype == torch.float32 for g in grads_b.values())
+    assert all(c.grad is None for c in weights.copies)  # handed over: nothing carries into the next micro-batch
+    params = dict(swapped.named_parameters())
+    assert all(params[n].dtype == torch.float32 for n in names)  # the model's own parameters are back after the swap
+
+
+def test_refresh_follows_the_optimizer_step():
+    torch.manual_seed(0)
+    model = Transformer(tiny("diffv2"))
+    weights = ComputeWeights(model, BF16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    grads_after(model, micro_batches(1, 97), weights)
+    optimizer.step()
+    weights.refresh()
+    for p, c in zip(weights.params, weights.copies):
+        assert torch.equal(c, p.detach().to(BF16))
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+RUN = ["trainer.precision=bf16", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.global_batch_size=6",
+       "trainer.log_interval=1", "trainer.ckpt_interval=4", "trainer.eval_interval=-1", "trainer.compile=true",
+       "monitoring.activations.interval=2", "monitoring.context_rms.interval=2",
+       "monitoring.context_rms.heatmap_interval=4"]
+
+
+def test_a_bf16_weights_run_is_the_autocast_run(tmp_path, data_cache):
+    """The CLI as on a GPU (compiled blocks, observed steps): 3 micro-batches per step, 4 steps; the same losses and
+    the same checkpoint with and without the switch."""
+    runs = {name: tmp_path / name for name in ("plain", "bf16_weights")}
+    for name, extra in (("plain", []), ("bf16_weights", ["trainer.bf16_weights=true"])):
+        proc = train(runs[name], data_cache, *RUN, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    loss = {name: [m["train/loss"] for m in metrics(run) if "train/loss" in m] for name, run in runs.items()}
+    assert len(loss["plain"]) == 4 and loss["plain"] == loss["bf16_weights"]
+    ckpt = {name: checkpoint_tensors(run / "checkpoints/step_00000004") for name, run in runs.items()}
+    assert differing_tensors(ckpt["plain"], ckpt["bf16_weights"]) == []
+
+
+def test_bf16_weights_without_bf16_autocast_is_refused(tmp_path, data_cache):
+    proc = train(tmp_path / "fp32", data_cache, "trainer.precision=fp32", "trainer.bf16_weights=true")
+    assert proc.returncode == 2
+    assert error_line(proc).startswith("error: trainer.bf16_weights=true needs bf16 autocast: set trainer.precision=bf16")
+    assert not (tmp_path / "fp32" / "checkpoints").exists()
