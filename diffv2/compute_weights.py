@@ -1,8 +1,9 @@
 """`trainer.bf16_weights=true`: bf16 copies of the matmul weights, cast once per optimizer step, not per micro-batch.
 
-Under bf16 autocast each micro-batch casts every fp32 `nn.Linear` weight to bf16 in its forward, and autograd casts
-each bf16 weight gradient back to fp32 before adding it to `.grad`. With many micro-batches per optimizer step these
-casts and adds are a fixed tax per micro-batch: ~8% of the step at 1b on an H100 (bench/results/throughput-1b-H100.md).
+Under bf16 autocast each micro-batch casts every fp32 `nn.Linear` weight (and the MoE experts' grouped weights) to
+bf16 in its forward, and autograd casts each bf16 weight gradient back to fp32 before adding it to `.grad`. With many
+micro-batches per optimizer step these casts and adds are a fixed tax per micro-batch: ~8% of the step at 1b on an
+H100 (bench/results/throughput-1b-H100.md).
 
 With this switch the weights are cast once per optimizer step (`refresh`) into persistent bf16 leaf tensors, which
 each micro-batch's forward *and* backward use in place of the fp32 parameters (`swapped`: the backward too, so an
@@ -32,11 +33,19 @@ class ComputeWeights:
         self.model = model
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
+        from diffv2.moe import GroupedExperts
+
         for name, module in model.named_modules():
-            if (isinstance(module, nn.Linear) and module.weight.requires_grad and module.bias is None
-                    and name.rsplit(".", 1)[-1] not in KEEP_FP32):
-                self.names.append(f"{name}.weight")
-                self.params.append(module.weight)
+            if isinstance(module, nn.Linear) and module.bias is None and name.rsplit(".", 1)[-1] not in KEEP_FP32:
+                weights = {"weight": module.weight}
+            elif isinstance(module, GroupedExperts):  # cast to the autocast dtype per micro-batch in its forward
+                weights = {"w1": module.w1, "w3": module.w3, "w2": module.w2}
+            else:
+                continue
+            for attr, param in weights.items():
+                if param.requires_grad:
+                    self.names.append(f"{name}.{attr}")
+                    self.params.append(param)
         self.copies = [p.detach().to(dtype).requires_grad_() for p in self.params]
 
     def __len__(self) -> int:

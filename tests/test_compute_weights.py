@@ -54,6 +54,7 @@ def test_bf16_weight_copies_give_autocast_losses_and_gradients_bit_for_bit(varia
     weights = ComputeWeights(swapped, BF16)
     names = set(weights.names)
     assert names and all(".attn." in n or ".mlp." in n for n in names)
+    assert moe == any(n.endswith("experts.w1") for n in names)  # the grouped expert weights too
     assert not any("router" in n or "lm_head" in n for n in names)  # fp32 router logits; the CE casts the lm_head
     batches = micro_batches(3, plain.cfg.vocab_size)
     losses_a, grads_a = grads_after(plain, batches)
