@@ -12,11 +12,13 @@ block and the median over blocks is reported. Prints a table and writes JSON to 
 once-only work (the first eager forward after compilation, first kernel launches of the probe's math path): a short
 run that starts timing early reports that one-off cost as if it were paid every interval. For the steady state, set K
 past the largest interval (the default intervals repeat every 500 steps) and time at least one full cycle.
-`--order` changes the arms within a block, for example `on,off` on one GPU and `off,on` on another to spread blocks
-over several GPUs at once.
+`--gpus 0 1 ...` runs blocks on several GPUs at once (one process per GPU, CUDA_VISIBLE_DEVICES), `--repeats`
+blocks on each, in `--order` on the first GPU, reversed on the second, and so on; the median is over every block.
 
     python bench/monitoring_overhead.py                          # CPU default run, 100 steps per arm
     python bench/monitoring_overhead.py --steps 300 --repeats 2 -- +experiment=gpu_125m   # on a GPU
+    python bench/monitoring_overhead.py --gpus 0 1 2 3 --steps 900 --warmup-steps 400 --order off,on --repeats 1 \
+        -- +experiment=gpu_125m                                  # the steady state, 4 blocks on 4 GPUs
 """
 
 from __future__ import annotations
@@ -28,28 +30,51 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {"on": [], "off": ["monitoring.enabled=false"]}  # off keeps only the throughput monitor (the clock)
 
 
-def run_arm(arm: str, steps: int, overrides: list[str], work: Path, index: int, warmup: int = 0) -> dict:
+def run_arm(arm: str, steps: int, overrides: list[str], work: Path, index: int, warmup: int = 0,
+            gpu: Optional[int] = None) -> dict:
     run_dir = work / f"{arm}_{index}"
     cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"trainer.max_steps={steps}",
            "trainer.eval_interval=0", "trainer.ckpt_interval=0", "trainer.resume=none", "logging.progress=false",
            "logging.wandb.mode=disabled", *ARMS[arm], *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{arm} run failed:\n{proc.stderr[-3000:]}")
+        where = "" if gpu is None else f" on GPU {gpu}"
+        raise SystemExit(f"{arm} run{where} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     perf = [(r["step"], r["perf/elapsed_s"], r["perf/cpu_s"]) for r in rows if "perf/elapsed_s" in r]
     timed = [p for p in perf if p[0] >= warmup]
     if len(timed) < 2 or timed[0] == perf[-1]:
         raise SystemExit(f"--warmup-steps {warmup} leaves no timed window in {steps} steps; raise --steps")
     (s0, t0, c0), (s1, t1, c1) = timed[0], perf[-1]
-    return {"arm": arm, "steps_timed": s1 - s0, "step_time_s": (t1 - t0) / (s1 - s0),
+    return {"arm": arm, "gpu": gpu, "steps_timed": s1 - s0, "step_time_s": (t1 - t0) / (s1 - s0),
             "cpu_time_s": (c1 - c0) / (s1 - s0)}
+
+
+def run_blocks(args, order: list[str], work: Path, gpu: Optional[int], first_index: int) -> list[list[dict]]:
+    """`args.repeats` blocks one after another (on one GPU, or wherever the runs land without --gpus)."""
+    blocks = []
+    for block in range(args.repeats):
+        runs = []
+        for i, arm in enumerate(order):
+            r = run_arm(arm, args.steps, args.overrides, work, first_index + len(order) * block + i, args.warmup_steps,
+                        gpu)
+            where = "" if gpu is None else f"GPU {gpu} "
+            print(f"  {where}{arm:>3}: {r['step_time_s'] * 1e3:9.2f} ms/step wall, {r['cpu_time_s'] * 1e3:9.2f} "
+                  f"ms/step CPU over {r['steps_timed']} steps", flush=True)
+            runs.append(r)
+        blocks.append(runs)
+    return blocks
 
 
 def main() -> None:
@@ -59,47 +84,56 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=0,
                         help="time from the first reading at or after this step (past every monitor's first run)")
     parser.add_argument("--order", default="off,on,on,off", help="the arms of one block, comma-separated")
+    parser.add_argument("--gpus", type=int, nargs="+", default=None,
+                        help="GPU indices: --repeats blocks on each at once, the order reversed on every other GPU")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
     args = parser.parse_args()
     order = args.order.split(",")
     if sorted(set(order)) != ["off", "on"] or order.count("on") != order.count("off"):
         parser.error(f"--order {args.order!r}: give each of on and off, equally often (e.g. off,on,on,off)")
-    results = []
+    import torch  # to check --gpus and to name the device
+
+    if args.gpus is not None and "trainer.device=cpu" not in args.overrides:
+        visible = torch.cuda.device_count()
+        if not visible:
+            parser.error("--gpus needs CUDA GPUs and none is visible; drop --gpus")
+        if any(g < 0 or g >= visible for g in args.gpus) or len(set(args.gpus)) < len(args.gpus):
+            parser.error(f"--gpus {' '.join(map(str, args.gpus))}: give distinct indices of the {visible} visible GPUs")
     with tempfile.TemporaryDirectory(prefix="monitoring_overhead_") as tmp:
-        for block in range(args.repeats):
-            for i, arm in enumerate(order):
-                r = run_arm(arm, args.steps, args.overrides, Path(tmp), len(order) * block + i, args.warmup_steps)
-                print(f"  {arm:>3}: {r['step_time_s'] * 1e3:9.2f} ms/step wall, {r['cpu_time_s'] * 1e3:9.2f} ms/step "
-                      f"CPU over {r['steps_timed']} steps", flush=True)
-                results.append(r)
+        if args.gpus is None:
+            blocks = run_blocks(args, order, Path(tmp), None, 0)
+        else:
+            per_gpu = args.repeats * len(order)
+            with ThreadPoolExecutor(len(args.gpus)) as pool:  # the runs are subprocesses: threads only wait
+                jobs = [pool.submit(run_blocks, args, order if k % 2 == 0 else order[::-1], Path(tmp), gpu,
+                                    k * per_gpu) for k, gpu in enumerate(args.gpus)]
+                blocks = [block for job in jobs for block in job.result()]
+    results = [r for runs in blocks for r in runs]
     summary = {}
     for clock in ("step_time_s", "cpu_time_s"):
         per_block = []
-        for block in range(args.repeats):
-            runs = results[len(order) * block : len(order) * (block + 1)]
+        for runs in blocks:
             on, off = (sum(r[clock] for r in runs if r["arm"] == arm) for arm in ("on", "off"))
             per_block.append(on / off - 1)
         mean = {arm: statistics.mean(r[clock] for r in results if r["arm"] == arm) for arm in ARMS}
         summary[clock] = {"off": mean["off"], "on": mean["on"], "overhead_per_block": per_block,
-                          "overhead": statistics.median(per_block)}
-    import torch  # only to name the device
-
+                          "overhead": statistics.median(per_block), "pooled": mean["on"] / mean["off"] - 1}
     on_gpu = torch.cuda.is_available() and "trainer.device=cpu" not in args.overrides
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
-    print("\n| device | clock | steps | monitors off (ms/step) | monitors on (ms/step) | overhead (median, blocks) |"
-          "\n|---|---|---|---|---|---|")
+    print("\n| device | clock | steps | monitors off (ms/step) | monitors on (ms/step) | overhead (median, blocks) "
+          "| pooled |\n|---|---|---|---|---|---|---|")
     for clock, label in (("step_time_s", "wall"), ("cpu_time_s", "process CPU")):
         m = summary[clock]
         blocks = ", ".join(f"{100 * o:+.1f}%" for o in m["overhead_per_block"])
         print(f"| {device} | {label} | {args.steps} | {m['off'] * 1e3:.2f} | {m['on'] * 1e3:.2f} | "
-              f"{100 * m['overhead']:+.2f}% ({blocks}) |")
+              f"{100 * m['overhead']:+.2f}% ({blocks}) | {100 * m['pooled']:+.2f}% |")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "_".join(["cpu" if device == "cpu" else device.replace(" ", "_")] +
                     [o.lstrip("+").replace("=", "-").replace("/", "-") for o in args.overrides])
     path = args.out / f"monitoring_overhead_{name}.json"
     path.write_text(json.dumps({"device": device, "steps": args.steps, "warmup_steps": args.warmup_steps,
-                                "order": order, "repeats": args.repeats,
+                                "order": order, "repeats": args.repeats, "gpus": args.gpus,
                                 "overrides": args.overrides, "summary": summary, "runs": results}, indent=1))
     print(f"wrote {path}")
 
