@@ -13,6 +13,11 @@ Every run takes one more step that is not measured: the last step of a run takes
 
     python bench/train_throughput.py --preset 1b --seq 4096 --micro-batch 2 --steps 40
     python bench/train_throughput.py --preset 1b --accum 8 --steps 12 --log-interval 4 --profile
+    python bench/train_throughput.py --preset 1b --accum 8 --steps 6 --log-interval 2 --ab trainer.bf16_weights=true
+
+`--ab OVERRIDE...` measures a change on the same GPU lease: every arm runs a second time with those overrides added
+(rows marked +B) and the table ends with the B/A tokens/s ratio per arm. The matmul rate of one H100 model varied by
+6% between leases, so a before/after taken on two leases cannot resolve a change of a few percent.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 / (statistics.median(times) / 1e3) / 1e12
 
 
-def run_arm(args, arm: str, run_dir: Path) -> dict:
+def run_arm(args, arm: str, run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -67,7 +72,7 @@ def run_arm(args, arm: str, run_dir: Path) -> dict:
         f"trainer.max_steps={args.steps + (3 if args.profile else 1)}", f"trainer.log_interval={args.log_interval}",
         "trainer.eval_interval=-1", *profile,
         "trainer.ckpt_interval=-1", f"trainer.compile={str(not args.no_compile).lower()}", "logging.progress=false",
-        "logging.wandb.mode=disabled", f"data.num_workers={args.workers}", *args.override,
+        "logging.wandb.mode=disabled", f"data.num_workers={args.workers}", *args.override, *extra,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=overrides))
@@ -100,6 +105,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every arm")
+    p.add_argument("--ab", nargs="+", default=None, metavar="OVERRIDE",
+                   help="A/B on one GPU lease: every arm runs again with these overrides added (rows marked +B)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -107,21 +114,28 @@ def main() -> None:
     os.environ.setdefault("DIFFV2_CACHE", tempfile.mkdtemp(prefix="diffv2-cache-"))
     matmul = matmul_tflops()
     results = []
+    variants = [("", ())] + ([("+B", tuple(args.ab))] if args.ab else [])
     with tempfile.TemporaryDirectory() as tmp:
         for arm in args.arms:
-            results.append(run_arm(args, arm, Path(tmp) / arm))
-            torch.cuda.empty_cache()
+            for mark, extra in variants:  # A then B per arm: the two runs of an arm are minutes apart, not more
+                r = run_arm(args, arm, Path(tmp) / f"{arm}{mark}", extra)
+                results.append({**r, "label": f"{arm}{mark}", "ab": list(extra)})
+                torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
     lines = [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch} x {args.accum} per optimizer step, {gpu}; "
              f"matmul 8192^3: {matmul:.0f} TFLOP/s",
              f"{'arm':<14} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'/matmul':>8} {'mem GB':>7} {'data':>6}"]
     for r in results:
-        lines.append(f"{r['arm']:<14} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% "
+        lines.append(f"{r['label']:<14} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% "
                      f"{r['tflops'] / matmul:>8.3f} {r['peak_mem_gb']:>7.1f} {100 * r['data_share']:>5.2f}%")
-    by_arm = {r["arm"]: r for r in results}
-    if "diffv2" in by_arm and "baseline_2h" in by_arm:
-        lines.append(f"DIFF V2 tokens/s / 2h-head baseline: "
-                     f"{by_arm['diffv2']['tokens_per_s'] / by_arm['baseline_2h']['tokens_per_s']:.3f}")
+    by_label = {r["label"]: r for r in results}
+    for mark, _ in variants:
+        if f"diffv2{mark}" in by_label and f"baseline_2h{mark}" in by_label:
+            lines.append(f"DIFF V2 tokens/s / 2h-head baseline{' (B)' if mark else ''}: "
+                         f"{by_label[f'diffv2{mark}']['tokens_per_s'] / by_label[f'baseline_2h{mark}']['tokens_per_s']:.3f}")
+    if args.ab:
+        lines.append(f"B = {' '.join(args.ab)}; tokens/s B / A: " + ", ".join(
+            f"{arm} {by_label[arm + '+B']['tokens_per_s'] / by_label[arm]['tokens_per_s']:.3f}" for arm in args.arms))
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +144,7 @@ def main() -> None:
     for r in results:
         table = r.pop("profile")
         if table is not None:
-            profile_path = out / f"profile-{r['arm']}-{tag}.txt"
+            profile_path = out / f"profile-{r['label'].replace('+', '-')}-{tag}.txt"
             profile_path.write_text(table)
             print(f"profile: {profile_path}")
     path = out / f"train-{tag}.json"
