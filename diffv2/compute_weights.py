@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from diffv2.moe import GroupedExperts
+
 KEEP_FP32 = ("lm_head", "router")  # module names whose weights are not replaced (see the module doc)
 
 
@@ -33,8 +35,6 @@ class ComputeWeights:
         self.model = model
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
-        from diffv2.moe import GroupedExperts
-
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and module.bias is None and name.rsplit(".", 1)[-1] not in KEEP_FP32:
                 weights = {"weight": module.weight}
@@ -47,9 +47,6 @@ class ComputeWeights:
                     self.names.append(f"{name}.{attr}")
                     self.params.append(param)
         self.copies = [p.detach().to(dtype).requires_grad_() for p in self.params]
-
-    def __len__(self) -> int:
-        return len(self.params)
 
     @torch.no_grad()
     def refresh(self) -> None:

@@ -6,12 +6,14 @@ block). Several monitors may want the same slot on the same step, so the hub own
 A slot holds a function only while some monitor watches it; otherwise it stays None and the forward pass is
 exactly the unmonitored one.
 
-Under torch.compile (compiled blocks), a monitored step runs compiled too. The attention observer is called from
-`Attention._emit`, which the compiler never traces: a compiled block breaks its graph there, hands the statistics
-tensors out, and the observer runs eagerly on them. Since `_emit` reads the layer index itself, no graph depends on
-it: the observed variant of a block compiles once for all layers (tracing the observer would specialise on each
-layer's integer `layer_idx`: one recompilation per layer, past dynamo's recompile limit). The block observer is
-called between blocks, outside compiled code. Probe passes run eagerly (their own explicit math path).
+Under torch.compile (compiled blocks), a monitored step runs compiled too. Whether a block observes is an argument
+the model passes it (`observe`, read from the slot), so the compiled graph is picked by an argument guard. The
+attention observer is called from `Attention._emit`, which the compiler never traces: a compiled block breaks its
+graph there, hands the statistics tensors out, and the observer runs eagerly on them. Since `_emit` reads the layer
+index itself, no graph depends on it: the observed variant of a block compiles once for all layers (tracing the
+observer would specialise on each layer's integer `layer_idx`: one recompilation per layer, past dynamo's recompile
+limit). The block observer is called between blocks, outside compiled code. Probe passes run eagerly (their own
+explicit math path).
 
 Legend: B batch, N sequence, M d_model.
 """
