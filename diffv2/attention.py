@@ -6,6 +6,7 @@ H output heads (h), Q query heads, K kv heads, D head_dim.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -25,6 +26,8 @@ except ImportError:  # torch built without distributed: no tensor parallelism, e
 
 if TYPE_CHECKING:
     from diffv2.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
 
 # An observer receives (layer_idx, stats dict) from the same forward; None costs nothing (monitoring hook).
 Observer = Callable[[int, dict], None]
@@ -170,7 +173,9 @@ class Attention(nn.Module):
             attn1_BNHD, attn2_BNHD = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
         else:  # ablation 1 (spec R3): pairs across groups
             attn1_BNHD, attn2_BNHD = attn_BNQD.chunk(2, dim=2)
-        ctx_BNHD, scale_BNH = combine(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
+        fuse = attn_BNQD.is_cuda and not torch.is_grad_enabled() and self.cfg.combine_fp32  # bf16 mode: op by op
+        combine_fn = fused_combine() if fuse else combine
+        ctx_BNHD, scale_BNH = combine_fn(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
         if observe:
             self._emit(dict(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH))
         return ctx_BNHD
@@ -213,6 +218,36 @@ class Attention(nn.Module):
         decided to observe, the statistics are dropped."""
         if self.observer is not None and not recomputing():
             self.observer(self.layer_idx, stats)
+
+
+_FUSED: dict = {}
+
+
+def fused_combine() -> Callable:
+    """`combine` compiled into one kernel, for inference on a GPU (decode, generation, evaluation).
+
+    Eager, the combination is ~7 kernels per layer (the λ and two strided-view casts, sigmoid, product, difference,
+    the cast back); at decode batch 16 those launches alone, ~0.3 ms per step over 16 layers, were most of DIFF V2's
+    extra time per token (docs/inference.md). Compiled blocks (training) fuse it already, and autograd keeps the
+    eager function. Shapes are dynamic (one compilation for every batch and length); if compilation fails, the
+    eager function is used from then on, with one warning. Used with `combine_fp32` only: the activation-dtype
+    mode rounds after every op, which a fused kernel (fp32 inside) does not reproduce."""
+    if "fn" not in _FUSED:
+        compiled = torch.compile(combine, dynamic=True, fullgraph=True)
+
+        def run(*args):
+            if _FUSED.get("broken"):
+                return combine(*args)
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 (any compiler failure): the eager function is exact
+                _FUSED["broken"] = True
+                log.warning("fused DIFF V2 combine unavailable (%s: %s); using eager kernels", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                return combine(*args)
+
+        _FUSED["fn"] = run
+    return _FUSED["fn"]
 
 
 def combine(attn1_BNHD, attn2_BNHD, lam_BNH, lambda_mode: str, fp32: bool):

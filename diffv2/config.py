@@ -171,7 +171,10 @@ class LoggingConfig:
 class GradNormMonitorConfig:
     enabled: bool = True  # grad/: pre/post-clip global norm, clip coefficient, norms per layer and per module kind
     interval: int = 10  # steps between measurements
-    param_norms: bool = True  # also parameter norms and update/parameter ratio per layer (one transient param copy)
+    param_norms: bool = True  # also parameter norms and update/parameter ratio per layer
+    # update norm of tensors >= 2^20 local elements from every k-th element (a transient copy of 1/k of them);
+    # 1 = exact, a transient copy of all parameters at every reading
+    update_sample: int = 16
 
 
 @dataclass
@@ -428,6 +431,7 @@ def validate_monitoring(mon: MonitoringConfig) -> None:
                  "spikes", "moe"):
         _positive(f"monitoring.{name}.interval", getattr(mon, name).interval)
     _positive("monitoring.perf.interval", mon.perf.interval, allow_zero=True)
+    _positive("monitoring.grad_norms.update_sample", mon.grad_norms.update_sample)
     for name in ("context_rms", "lambdas"):
         sub = getattr(mon, name)
         if sub.heatmap_interval <= 0 or sub.heatmap_interval % sub.interval:

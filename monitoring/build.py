@@ -25,7 +25,8 @@ def build_monitors(cfg: MonitoringConfig, log_interval: int = 10) -> list[Callba
     candidates = [
         (s.enabled, lambda: SpikeMonitor(s.interval, s.k, s.window, s.warmup_steps, s.score_window, s.skip_step,
                                          s.stop)),
-        (cfg.grad_norms.enabled, lambda: GradNormMonitor(cfg.grad_norms.interval, cfg.grad_norms.param_norms)),
+        (cfg.grad_norms.enabled, lambda: GradNormMonitor(cfg.grad_norms.interval, cfg.grad_norms.param_norms,
+                                                           cfg.grad_norms.update_sample)),
         (cfg.activations.enabled, lambda: ActivationMonitor(cfg.activations.interval, cfg.activations.top_k)),
         (c.enabled, lambda: ContextRMSMonitor(c.interval, c.heatmap_interval)),
         (cfg.lambdas.enabled, lambda: LambdaMonitor(cfg.lambdas.interval, cfg.lambdas.heatmap_interval)),

@@ -14,10 +14,18 @@ disjoint shards. Assumes every rank holds a piece of the same parameters (FSDP/T
 ranks); pipeline stages would need per-stage weights.
 
 Post-clip norm and clip coefficient follow `torch.nn.utils.clip_grad_norm_`: coef = min(1, max / (norm + 1e-6)).
+
+The update |params after - params before| needs the values before the step. A full copy is as large as the parameters
+(12 GB for 3B fp32 parameters, on top of a step that may already fill the GPU: it put a 4-layer 30A3 model out of
+memory on an 80 GB GPU at its first grad-norm step). Local pieces of at least `SAMPLE_MIN` elements keep only every
+k-th element (`update_sample` = k, made coprime with the tensor's last dimension so every column and row is visited,
+not every k-th column) and scale their sum of squares by numel / samples: an unbiased estimate of the update's norm
+from >= 2^20 / k values per tensor. Parameter norms stay exact (they need no copy). k = 1 copies everything (exact).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Optional, Sequence
 
@@ -33,6 +41,7 @@ from monitoring.callback import Callback, StepResult, TrainContext, every
 
 KINDS = ("q", "k", "v", "o", "lambda", "mlp", "router", "experts", "embed", "norm", "other")
 _LAYER = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+SAMPLE_MIN = 1 << 20  # local pieces this large keep a 1-in-k sample for the update norm (see module doc)
 
 
 class ShardedLocal:
@@ -135,12 +144,26 @@ def bucket_sum_squares(pieces: list[tuple[torch.Tensor, float, Sequence[int]]], 
     return sums
 
 
+def sample_stride(t: torch.Tensor, k: int) -> int:
+    """The sampling stride for the update snapshot of local piece t: 1 (everything) below SAMPLE_MIN elements or
+    for k = 1, else the smallest stride >= k coprime with t's last dimension."""
+    if k == 1 or t.numel() < SAMPLE_MIN:
+        return 1
+    last = t.shape[-1] if t.dim() else 1
+    while math.gcd(k, last) != 1:
+        k += 1
+    return k
+
+
 class GradNormMonitor(Callback):
     name = "grad_norms"
 
-    def __init__(self, interval: int, param_norms: bool = True):
-        self.interval, self.param_norms = interval, param_norms
-        self._before: Optional[list[tuple[torch.Tensor, float]]] = None
+    def __init__(self, interval: int, param_norms: bool = True, update_sample: int = 16):
+        if update_sample < 1:
+            raise ValueError(f"monitoring.grad_norms.update_sample={update_sample} must be >= 1 (1 = exact, a full "
+                             f"parameter copy; k keeps every k-th element of large tensors)")
+        self.interval, self.param_norms, self.update_sample = interval, param_norms, update_sample
+        self._before: Optional[list[tuple[torch.Tensor, float, int]]] = None
         self._metrics: dict = {}
         self._plans: dict = {}
 
@@ -174,8 +197,13 @@ class GradNormMonitor(Callback):
         for i, layer in enumerate(self.layers):
             self._metrics[f"grad/norm_layer/L{layer:02d}"] = sums[len(self.kinds) + i]
         if self.param_norms:
-            self._before = [local_piece(p) for _, p in self.params]
-            self._before = [(t.clone(), w) for t, w in self._before]
+            self._before = []
+            for _, p in self.params:
+                t, w = local_piece(p)
+                stride = sample_stride(t, self.update_sample)
+                sample = t if stride == 1 else t.reshape(-1)[::stride]
+                # weight x numel / samples: the sample's sum of squares estimates the whole tensor's
+                self._before.append((sample.clone(), w * t.numel() / max(sample.numel(), 1), stride))
         return {}
 
     def on_step_end(self, result: StepResult) -> dict:
@@ -198,12 +226,12 @@ class GradNormMonitor(Callback):
             layer = layer_of(name)
             return [offset + nl] + ([offset + self.layers.index(layer)] if layer is not None else [])
 
-        now = [local_piece(p)[0] for _, p in self.params]
-        olds = [old for old, _ in before]
-        torch._foreach_sub_(olds, now)  # in place: -update, same norm
-        pieces = []
-        for (name, _), t, (old, w) in zip(self.params, now, before):
-            pieces += [(t, w, buckets(name, 0)), (old, w, buckets(name, nl + 1))]
+        now = [local_piece(p) for _, p in self.params]
+        olds = [old for old, _, _ in before]
+        torch._foreach_sub_(olds, [t if k == 1 else t.reshape(-1)[::k] for (t, _), (_, _, k) in zip(now, before)])
+        pieces = []  # olds now hold -update (or a sample of it): same norm
+        for (name, _), (t, w), (old, w_old, _) in zip(self.params, now, before):
+            pieces += [(t, w, buckets(name, 0)), (old, w_old, buckets(name, nl + 1))]
         sums = bucket_sum_squares(pieces, 2 * (nl + 1), self.ctx.device, self._plans).sqrt()
         params, updates = sums[: nl + 1], sums[nl + 1 :]
         metrics = {"grad/param_norm": params[nl], "grad/update_ratio": updates[nl] / params[nl]}

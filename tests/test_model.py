@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from diffv2.attention import Attention, combine, lambda_init, validate_heads  # noqa: E402
+from diffv2.attention import _FUSED, Attention, combine, fused_combine, lambda_init, validate_heads  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.flops import attention_core_flops, attention_params, count, mlp_params  # noqa: E402
 from diffv2.kernels import causal_attention, doc_ids_from_tokens, resolve_backend  # noqa: E402
@@ -88,6 +88,29 @@ def test_combine_fp32_flag_changes_bf16_module_output():
     x = torch.randn(2, 33, 256).bfloat16()
     y = [make_attention(256, 4, 2, 64, dtype=torch.bfloat16, combine_fp32=f)(x) for f in (True, False)]
     assert not torch.equal(y[0], y[1])
+
+
+@pytest.mark.parametrize("lambda_mode", ["sigmoid", "raw", "none"])
+def test_fused_combine_matches_eager_on_strided_pair_views(lambda_mode):
+    """The compiled combine that GPU inference uses (one kernel, fp32 inside; only with combine_fp32, the default)
+    gives the eager result on the module's strided pair views within one bf16 rounding step (the compiler's fp32
+    sigmoid may differ in the last fp32 bit), for every lambda mode; and λ's scale. Run on CPU here (the same
+    compiled function)."""
+    fp32 = True
+    torch.manual_seed(0)
+    attn_BNQD = torch.randn(3, 5, 8, 16).bfloat16()
+    lam_BNH = torch.randn(3, 5, 4).bfloat16()
+    a1, a2 = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
+    ctx, scale = fused_combine()(a1, a2, lam_BNH, lambda_mode, fp32)
+    ctx_ref, scale_ref = combine(a1, a2, lam_BNH, lambda_mode, fp32)
+    assert not _FUSED.get("broken"), "the compiled combine fell back to eager"
+    assert ctx.dtype == ctx_ref.dtype == torch.bfloat16 and ctx.shape == ctx_ref.shape == (3, 5, 4, 16)
+    torch.testing.assert_close(ctx.float(), ctx_ref.float(), rtol=2**-7, atol=1e-6)
+    assert (ctx.float() - ctx_ref.float()).abs().max() <= 2**-7 * ctx_ref.float().abs().max()
+    if lambda_mode == "none":
+        assert scale is None and scale_ref is None
+    else:
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=1e-7)
 
 
 # ========================================================================================================= DIFF V1

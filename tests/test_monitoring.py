@@ -17,6 +17,7 @@ from monitoring.attention_sinks import AttentionSinkMonitor
 from monitoring.build import build_monitors
 from monitoring.callback import StepResult, TrainContext, to_host
 from monitoring.context_rms import ContextRMSMonitor, context_rms_H, floor_H
+from monitoring import grad_norms
 from monitoring.grad_norms import GradNormMonitor, kind_of, layer_of
 from monitoring.lambda_stats import LambdaMonitor
 from monitoring.moe import MoEMonitor
@@ -114,6 +115,48 @@ def test_update_ratio_is_update_norm_over_param_norm_per_layer(tmp_path):
         param = math.sqrt(sum(dict(model.named_parameters())[n].square().sum().item() for n in layer))
         assert math.isclose(metrics[f"grad/param_norm_layer/L{i:02d}"], param, rel_tol=1e-5)
         assert math.isclose(metrics[f"grad/update_ratio_layer/L{i:02d}"], update / param, rel_tol=1e-4)
+
+
+class _Wide(nn.Module):
+    """One 2048 x 1024 layer (2^21 elements: sampled) and one small one (exact), named as blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(1024, 2048, bias=False), nn.Linear(8, 8, bias=False)])
+
+
+def test_update_ratio_of_a_large_tensor_is_estimated_from_a_coprime_sample_of_it(tmp_path):
+    model = _Wide()
+    torch.manual_seed(0)
+    # Updates 10x larger in every 16th column: a plain stride of 16 would see those columns only (ratio 10x off).
+    col_scale = torch.where(torch.arange(1024) % 16 == 0, 10.0, 1.0)
+    model.blocks[0].weight.grad = torch.randn(2048, 1024) * col_scale
+    model.blocks[1].weight.grad = torch.randn(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = GradNormMonitor(interval=1, update_sample=16)
+    monitor.on_train_start(make_ctx(model, tmp_path, optimizer=opt))
+    monitor.on_before_optimizer_step(1)
+    assert grad_norms.sample_stride(model.blocks[0].weight, 16) == 17  # gcd(16, 1024) = 16, gcd(17, 1024) = 1
+    kept = sum(old.numel() for old, _, _ in monitor._before)
+    assert kept == math.ceil(2048 * 1024 / 17) + 64  # 1/17 of the large tensor, all of the small one
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    metrics = to_host(monitor.on_step_end(result(1)))
+    for i, g in enumerate(grads):
+        w = model.blocks[i].weight
+        exact = 0.1 * g.norm().item() / w.norm().item()
+        assert math.isclose(metrics[f"grad/param_norm_layer/L{i:02d}"], w.norm().item(), rel_tol=1e-5)
+        # the small tensor is copied whole (exact); the large one is a 123k-element sample: within 1%
+        assert math.isclose(metrics[f"grad/update_ratio_layer/L{i:02d}"], exact, rel_tol=1e-2 if i == 0 else 1e-4)
+
+
+def test_update_sample_must_be_positive():
+    with pytest.raises(ValueError, match="update_sample=0 must be >= 1"):
+        GradNormMonitor(interval=1, update_sample=0)
+    cfg = MonitoringConfig()
+    cfg.grad_norms.update_sample = 0
+    with pytest.raises(ValueError, match="monitoring.grad_norms.update_sample=0 must be > 0"):
+        validate_monitoring(cfg)
 
 
 def _sharded_worker(rank: int, init: str, out: str) -> None:
