@@ -1,6 +1,7 @@
 """Decode benchmark (GPU): tokens/s of DIFF V2 vs the baseline with the same d_model, h and h_kv (spec §5.4, A21).
 
     python bench/decode.py [--batches 1 16 64] [--contexts 1024 8192 32768] [--layers 16] [--eager] [--compile]
+                            [--eager-combine]
 
 A cell times one decode step at a fixed context: B new tokens attend to `context` cached tokens, then lm_head and
 argmax. Weights are random bf16 (a 1b-like stack: d_model 2048, h 16, h_kv 4, d 128, ffn 8192, vocab 128256) and
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffv2 import attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.flops import attention_params, effective_config, mlp_params  # noqa: E402
 from diffv2.inference import cast_weights  # noqa: E402
@@ -118,7 +120,7 @@ def measure(model: Transformer, batch: int, context: int, device: torch.device, 
         step = torch.compile(step, mode="max-autotune-no-cudagraphs")
     fn = as_graph(step, device) if graphs else step
     ms = timed_ms(fn, device, reps)
-    del cache, fn
+    del cache, fn, step  # step holds the cache too: all three go before the memory is handed back
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return ms
@@ -132,6 +134,7 @@ def run_cell(models: dict, batch: int, context: int, device: torch.device, graph
         b = step_bytes(model.cfg, batch, context)
         row[arm] = dict(b)
         if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last cell's cache, freed into the allocator, back to the device
             free = torch.cuda.mem_get_info(device)[0]
             cache = step_bytes(model.cfg, batch, context + 1)["kv_bytes"]
             need = b["weight_bytes"] + cache + 4 * batch * model.cfg.vocab_size + GIB  # + logits, workspace
@@ -198,11 +201,16 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20, help="decode steps per timed run")
     p.add_argument("--eager", action="store_true", help="no CUDA graph: time plain kernel launches")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step before capture")
+    p.add_argument("--eager-combine", action="store_true",
+                   help="DIFF V2's pair combination op by op (several kernels per layer), not the fused kernel "
+                        "that inference uses: the A/B of that fusion")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU (it times bf16 decode steps in CUDA graphs); nothing was measured")
     device = torch.device("cuda")
+    if args.eager_combine:
+        attention.fused_combine = lambda: attention.combine
     models = build_models(args.layers, max(args.contexts), device)
     rows = []
     for batch in args.batches:
@@ -215,7 +223,8 @@ def main() -> None:
     record = {"command": " ".join(sys.argv), "env": versions(),
               "config": {"d_model": 2048, "n_heads": 16, "n_kv_heads": 4, "head_dim": 128, "ffn_hidden": 8192,
                          "vocab_size": 128256, "n_layers": args.layers, "dtype": "bfloat16",
-                         "cuda_graphs": not args.eager, "compile": args.compile}, "rows": rows}
+                         "cuda_graphs": not args.eager, "compile": args.compile,
+                         "fused_combine": not args.eager_combine}, "rows": rows}
     path = out / f"decode-{torch.cuda.get_device_name().replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"results: {path}")
