@@ -173,7 +173,9 @@ class Attention(nn.Module):
             attn1_BNHD, attn2_BNHD = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
         else:  # ablation 1 (spec R3): pairs across groups
             attn1_BNHD, attn2_BNHD = attn_BNQD.chunk(2, dim=2)
-        fuse = attn_BNQD.is_cuda and not torch.is_grad_enabled() and self.cfg.combine_fp32  # bf16 mode: op by op
+        # Eager inference on a GPU: one kernel (a compiled block fuses the combine itself; bf16 mode: op by op)
+        fuse = (attn_BNQD.is_cuda and not torch.is_grad_enabled() and self.cfg.combine_fp32
+                and not torch.compiler.is_compiling())
         combine_fn = fused_combine() if fuse else combine
         ctx_BNHD, scale_BNH = combine_fn(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
         if observe:
