@@ -155,6 +155,11 @@ def sample_stride(t: torch.Tensor, k: int) -> int:
     return k
 
 
+def _sampled(t: torch.Tensor, stride: int) -> torch.Tensor:
+    """Every `stride`-th element of t (t itself for stride 1): the update snapshot's view of a local piece."""
+    return t if stride == 1 else t.reshape(-1)[::stride]
+
+
 class GradNormMonitor(Callback):
     name = "grad_norms"
 
@@ -201,7 +206,7 @@ class GradNormMonitor(Callback):
             for _, p in self.params:
                 t, w = local_piece(p)
                 stride = sample_stride(t, self.update_sample)
-                sample = t if stride == 1 else t.reshape(-1)[::stride]
+                sample = _sampled(t, stride)
                 # weight x numel / samples: the sample's sum of squares estimates the whole tensor's
                 self._before.append((sample.clone(), w * t.numel() / max(sample.numel(), 1), stride))
         return {}
@@ -228,7 +233,7 @@ class GradNormMonitor(Callback):
 
         now = [local_piece(p) for _, p in self.params]
         olds = [old for old, _, _ in before]
-        torch._foreach_sub_(olds, [t if k == 1 else t.reshape(-1)[::k] for (t, _), (_, _, k) in zip(now, before)])
+        torch._foreach_sub_(olds, [_sampled(t, k) for (t, _), (_, _, k) in zip(now, before)])
         pieces = []  # olds now hold -update (or a sample of it): same norm
         for (name, _), (t, w), (old, w_old, _) in zip(self.params, now, before):
             pieces += [(t, w, buckets(name, 0)), (old, w_old, buckets(name, nl + 1))]
