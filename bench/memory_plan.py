@@ -14,8 +14,10 @@ Per GPU, with every parameter sharded over all N GPUs (experts over their EP gro
 Activation estimate per block and token (bf16 = 2 bytes; M d_model, Q query heads x D, K kv heads, F = top_k x
 expert_hidden): norms 2M, q/k/v/o inputs and outputs ~ (M + Q*D + 2*K*D + H*D), attention output (Q*D) + the
 kernel's log-sum-exp, router logits (E fp32), dispatched tokens top_k*M twice (there and back), expert
-intermediates 3F. A rough upper-ish bound: allocator fragmentation, NCCL buffers and the all-to-all receive
-buffers under imbalance come on top, so the plan leaves >= 10% headroom before calling a layout feasible.
+intermediates 3F. Not counted: the compiled graphs' buffers, the cross-entropy's chunks, kernel workspaces, allocator
+fragmentation, NCCL buffers and the all-to-all receive buffers under imbalance. Against 7b on one H200 the plan ran
+12-16% low (baseline 111.2 GiB planned, 124.6 measured; DIFF V2 119.4 planned, out of memory with 138.8 allocated), so
+a layout "fits" only when 1.2 x the plan is within the GPU's memory (`MARGIN`).
 Model construction itself needs `parallel.meta_init=true` for such presets (otherwise every rank first builds the
 whole fp32 model on its GPU). Results (table + JSON) go to bench/results/memory-plan-<preset>.json.
 """
@@ -36,7 +38,8 @@ from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.flops import count, effective_config  # noqa: E402
 
 GB = 2**30
-HBM = {"H100": 80, "H200": 141}
+HBM = {"H100": 79.6, "H200": 139.8}  # GiB a process can allocate (torch.cuda.mem_get_info totals)
+MARGIN = 1.2  # what the plan leaves out, from the 7b measurements on one H200 (module doc)
 
 
 def load_preset(name: str, variant: str) -> ModelConfig:
@@ -85,16 +88,16 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
-    rows, lines = [], [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch} per GPU; GB per GPU "
-                       f"(H100 80, H200 141); FSDP2 over all GPUs + EP = GPUs, fp32 master/grads/AdamW"]
+    rows, lines = [], [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch} per GPU; GiB per GPU "
+                       f"(H100 {HBM['H100']}, H200 {HBM['H200']}); FSDP2 over all GPUs + EP = GPUs, fp32 master/grads/AdamW"]
     lines.append(f"{'variant':<9} {'GPUs':>4} {'params':>8} {'active':>7} {'states':>7} {'gathered':>8} "
-                 f"{'act/blk':>7} {'no AC':>7} {'full AC':>8}  fits (<=90% of HBM, full AC)")
+                 f"{'act/blk':>7} {'no AC':>7} {'full AC':>8}  fits ({MARGIN} x full AC <= HBM)")
     for variant in args.variants:
         cfg = load_preset(args.preset, variant)
         for gpus in args.gpus:
             r = {"variant": variant, **plan(cfg, gpus, args.seq, args.micro_batch)}
             rows.append(r)
-            fits = ", ".join(f"{k}: {'yes' if r['total_full_ac_gb'] <= 0.9 * v else 'no'}" for k, v in HBM.items())
+            fits = ", ".join(f"{k}: {'yes' if MARGIN * r['total_full_ac_gb'] <= v else 'no'}" for k, v in HBM.items())
             lines.append(f"{variant:<9} {gpus:>4} {r['params_total'] / 1e9:>7.2f}B {r['params_active'] / 1e9:>6.2f}B "
                          f"{r['states_gb']:>7.1f} {r['gathered_gb']:>8.2f} {r['act_block_gb']:>7.2f} "
                          f"{r['total_no_ac_gb']:>7.1f} {r['total_full_ac_gb']:>8.1f}  {fits}")
