@@ -239,6 +239,9 @@ class MonitoringConfig:
     enabled: bool = True  # health monitors (all but perf): false builds none and installs no observer (zero cost)
     # Every monitor also reads at the run's last step (trainer.max_steps), so each run ends with a full record.
     probe_sequences: int = 4  # validation sequences in the fixed probe batch of the attention probes
+    # micro-batches per rank whose training forward an observed step observes (activations, context RMS, lambda):
+    # the first k; 0 = all. The others run the unobserved graph (statistics from 1/accum of the step's tokens)
+    observed_micro_batches: int = 1
     grad_norms: GradNormMonitorConfig = field(default_factory=GradNormMonitorConfig)
     activations: ActivationMonitorConfig = field(default_factory=ActivationMonitorConfig)
     attention_logits: AttentionLogitMonitorConfig = field(default_factory=AttentionLogitMonitorConfig)
@@ -312,6 +315,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("eval_interval", "ckpt_interval"):
         if getattr(t, key) < -1:
             raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= -1 (-1 = never, 0 = only at the end)")
+    _positive("monitoring.observed_micro_batches", cfg.monitoring.observed_micro_batches, allow_zero=True)
     for key in ("keep_last", "profile_start"):
         _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
     _positive("trainer.profile_steps", t.profile_steps)

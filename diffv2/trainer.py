@@ -244,6 +244,7 @@ class Trainer:
         ce_sum, window_steps = torch.zeros((), device=self.device), 0
         say = bar.write if self.rank0 else (lambda _: None)  # console lines once, from rank 0
         weights = ComputeWeights(_unwrapped(model), self.autocast_dtype) if t.bf16_weights else None
+        observed = cfg.monitoring.observed_micro_batches
 
         try:
             while step < t.max_steps:
@@ -260,7 +261,9 @@ class Trainer:
                     t0 = time.perf_counter()
                     tokens = next(batches).to(self.device, non_blocking=True)
                     data_time += time.perf_counter() - t0
-                    with weights.swapped() if weights is not None else contextlib.nullcontext():
+                    # an observed step observes its first `observed` micro-batches; the rest run the unobserved graph
+                    unobserved = ctx.observers.paused() if 0 < observed <= micro else contextlib.nullcontext()
+                    with unobserved, weights.swapped() if weights is not None else contextlib.nullcontext():
                         loss, ce, _ = self._forward(model, tokens, eod)
                         loss, ce = faults.poison_loss(step + 1, loss, ce)
                         engine.backward(loss / self.accum, last_micro=micro == self.accum - 1)

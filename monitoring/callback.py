@@ -100,15 +100,19 @@ def every(step: int, interval: int, last: int = 0) -> bool:
 
 
 def to_host(metrics: dict) -> dict:
-    """Device tensors -> floats (0-d) or nested lists, with one device-to-host copy for all of them."""
-    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-    if not keys:
-        return dict(metrics)
-    tensors = [metrics[k].detach() for k in keys]
-    flat = torch.cat([t.reshape(-1).to(tensors[0].device, torch.float64) for t in tensors]).cpu()
-    out, offset = dict(metrics), 0
-    for k, t in zip(keys, tensors):
-        chunk = flat[offset : offset + t.numel()]
-        offset += t.numel()
-        out[k] = chunk.item() if t.ndim == 0 else chunk.view(t.shape).tolist()
+    """Device tensors -> floats (0-d) or nested lists: one concatenation and one device-to-host copy per (device,
+    dtype) group of values, never one per value (a copy per value waits for the device once per value)."""
+    groups: dict[tuple, list[str]] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            groups.setdefault((v.device, v.dtype), []).append(k)
+    out = dict(metrics)
+    for keys in groups.values():
+        tensors = [metrics[k].detach() for k in keys]
+        flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().to(torch.float64)
+        offset = 0
+        for k, t in zip(keys, tensors):
+            chunk = flat[offset : offset + t.numel()]
+            offset += t.numel()
+            out[k] = chunk.item() if t.ndim == 0 else chunk.view(t.shape).tolist()
     return out

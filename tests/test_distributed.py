@@ -23,7 +23,8 @@ from test_train import SMALL
 from diffv2 import checkpoint
 
 STEPS = ["trainer.max_steps=6", "trainer.log_interval=1", "trainer.eval_interval=3", "trainer.ckpt_interval=3",
-         "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.eval_batches=2"]
+         "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.eval_batches=2",
+         "monitoring.observed_micro_batches=0"]  # every token observed: layouts compare over the same tokens
 
 
 def torchrun(run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, fault: str = "", fault_rank: int = 0,

@@ -476,3 +476,13 @@ def test_heatmap_interval_must_be_a_multiple_of_the_interval():
     cfg.context_rms.heatmap_interval = 75
     with pytest.raises(ValueError, match="monitoring.context_rms.heatmap_interval=75 must be a positive multiple"):
         validate_monitoring(cfg)
+
+
+def test_to_host_converts_every_value_once_per_device_and_dtype_group():
+    metrics = {"a": torch.tensor(1.5), "n": 3, "b": torch.tensor([[1, 2], [3, 4]], dtype=torch.int64),
+               "c": torch.tensor([0.25, 0.5], dtype=torch.float64), "d": torch.tensor(2 ** 40 + 1),
+               "e": torch.tensor(-1.0, dtype=torch.bfloat16), "s": "text"}
+    got = to_host(metrics)
+    assert got == {"a": 1.5, "n": 3, "b": [[1.0, 2.0], [3.0, 4.0]], "c": [0.25, 0.5], "d": float(2 ** 40 + 1),
+                   "e": -1.0, "s": "text"}
+    assert isinstance(got["a"], float) and isinstance(got["b"][0][0], float)

@@ -74,6 +74,24 @@ def test_monitoring_off_logs_only_the_loop_and_throughput_metrics(tmp_path, data
     assert not (run_dir / "spikes.jsonl").exists()
 
 
+def test_an_observed_step_observes_its_first_micro_batches_only(tmp_path, data_cache):
+    """monitoring.observed_micro_batches=1 (the default): the statistics of step 1 are those of its first micro-batch,
+    i.e. of a run whose whole step is that micro-batch (same weights, same samples); 0 observes all of them."""
+    once = ["trainer.max_steps=1", "monitoring.activations.interval=1", "monitoring.context_rms.interval=1",
+            "monitoring.lambdas.interval=1"]
+    runs = {"first_of_two": ["trainer.global_batch_size=8"], "all_of_two": ["trainer.global_batch_size=8",
+            "monitoring.observed_micro_batches=0"], "one": ["trainer.global_batch_size=4"]}
+    got = {}
+    for name, overrides in runs.items():
+        run_train(tmp_path / name, data_cache, "trainer.micro_batch_size=4", *once, *overrides)
+        got[name] = {k: v for r in read_metrics(tmp_path / name) for k, v in r.items()
+                     if k.startswith(("act/", "attn/context_rms_", "attn/lambda_sigmoid_"))}
+    assert "act/max_abs/L01" in got["one"] and "attn/context_rms_a1_mean/L00" in got["one"]
+    assert got["first_of_two"] == got["one"]
+    differ = [k for k in got["one"] if got["all_of_two"][k] != got["one"][k]]
+    assert "act/kurtosis/L00" in differ and "attn/context_rms_mean/L01" in differ
+
+
 def test_compare_writes_a_report_for_two_runs(runs, tmp_path):
     assert compare.main([str(runs / "diffv2"), str(runs / "baseline"), "--out", str(tmp_path / "report")]) == 0
     written = {p.name for p in (tmp_path / "report").iterdir()}
