@@ -20,7 +20,7 @@ is autocast's arithmetic exactly (tested bit for bit). The fp32 `.grad` of these
 (zeros) when the step begins without one.
 
 The MoE experts' grouped weights keep bf16 gradients, added into the fp32 `.grad` after each backward in one pass
-each (`accumulate`).
+each (`accumulate`); so do the Linear weights with `trainer.fused_wgrad=false` (`fused_wgrad=False` here).
 
 Scope: one process (plain tensors, trainer's single engine). Left out: the lm_head (the fused cross-entropy casts it
 itself and keeps its gradient in fp32) and the MoE router (its logits are computed in fp32).
@@ -86,16 +86,20 @@ class LinearIntoFP32Grad(torch.autograd.Function):
         return (dy @ weight_OI).to(ctx.x_dtype), None, None
 
 
-def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """forward of a Linear under ComputeWeights: fused into the fp32 gradient while swapped in, plain otherwise."""
-    grad = module.wgrad_into
-    if grad is None or not torch.is_grad_enabled():
-        return F.linear(x, module.weight)
-    return LinearIntoFP32Grad.apply(x, module.weight, grad)
+class FusedWgradLinear(nn.Linear):
+    """The class ComputeWeights gives its bias-free Linear layers (same parameters and state dict): while swapped in
+    (`wgrad_into` = the fp32 .grad) the weight gradient goes into that tensor; otherwise a plain Linear."""
+
+    wgrad_into: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wgrad_into is None or not torch.is_grad_enabled():
+            return F.linear(x, self.weight)
+        return LinearIntoFP32Grad.apply(x, self.weight, self.wgrad_into)
 
 
 class ComputeWeights:
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, fused_wgrad: bool = True):
         self.model = model
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
@@ -111,13 +115,12 @@ class ComputeWeights:
                 if param.requires_grad:
                     self.names.append(f"{name}.{attr}")
                     self.params.append(param)
-                    self.linears.append(module if attr == "weight" else None)
+                    self.linears.append(module if attr == "weight" and fused_wgrad else None)
         # bf16 copies: the Linear ones never get a gradient of their own (fused into the fp32 .grad)
         self.copies = [p.detach().to(dtype).requires_grad_(linear is None) for p, linear in zip(self.params, self.linears)]
         for module in self.linears:
             if module is not None:
-                module.wgrad_into = None  # set to the fp32 .grad while swapped in
-                module.forward = _linear_forward.__get__(module)
+                module.__class__ = FusedWgradLinear  # its wgrad_into is the fp32 .grad while swapped in
 
     @torch.no_grad()
     def refresh(self) -> None:

@@ -114,7 +114,10 @@ class TrainerConfig:
     resume: str = "auto"  # auto (latest valid checkpoint in the run dir) | none | path to a checkpoint
     compile: bool = False  # torch.compile each block
     bf16_weights: bool = False  # bf16 Linear weights cast once per optimizer step, not per micro-batch (one process,
-    # bf16 autocast; same arithmetic; see diffv2/compute_weights.py)
+    # bf16 autocast; see diffv2/compute_weights.py)
+    # bf16_weights: each Linear's weight gradient is added into the fp32 .grad by its GEMM (CUDA: summed in fp32, not
+    # rounded to bf16 first); false = a bf16 gradient, then the add (autocast's arithmetic exactly, on GPU too)
+    fused_wgrad: bool = True
     deterministic: bool = True  # deterministic algorithms on CPU (exact resume); off on GPU for speed
     nonfinite: str = "skip"  # NaN/Inf loss or grad norm: skip (undo the step) | stop (at the first) | ignore (no check)
     max_bad_steps: int = 10  # nonfinite=skip: this many non-finite steps in a row save a checkpoint and stop the run

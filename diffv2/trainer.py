@@ -243,7 +243,7 @@ class Trainer:
                    dynamic_ncols=True)
         ce_sum, window_steps = torch.zeros((), device=self.device), 0
         say = bar.write if self.rank0 else (lambda _: None)  # console lines once, from rank 0
-        weights = ComputeWeights(_unwrapped(model), self.autocast_dtype) if t.bf16_weights else None
+        weights = ComputeWeights(_unwrapped(model), self.autocast_dtype, t.fused_wgrad) if t.bf16_weights else None
         observed = cfg.monitoring.observed_micro_batches
 
         try:

@@ -45,15 +45,15 @@ def grads_after(model, batches, weights=None) -> tuple[list[float], dict[str, to
     return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("variant, moe, ac", [("diffv2", False, "none"), ("baseline", False, "none"),
-                                             ("diffv1", False, "none"), ("diffv2", False, "full"),
-                                             ("diffv2", True, "none")])
-def test_bf16_weight_copies_give_autocast_losses_and_gradients_bit_for_bit(variant, moe, ac):
+@pytest.mark.parametrize("variant, moe, ac, fused", [("diffv2", False, "none", True), ("baseline", False, "none", True),
+                                                    ("diffv1", False, "none", True), ("diffv2", False, "full", True),
+                                                    ("diffv2", True, "none", True), ("diffv2", True, "full", False)])
+def test_bf16_weight_copies_give_autocast_losses_and_gradients_bit_for_bit(variant, moe, ac, fused):
     torch.manual_seed(0)
     plain = Transformer(tiny(variant, moe))
     plain.set_activation_checkpointing(ac)
     swapped = copy.deepcopy(plain)
-    weights = ComputeWeights(swapped, BF16)
+    weights = ComputeWeights(swapped, BF16, fused_wgrad=fused)
     names = set(weights.names)
     assert names and all(".attn." in n or ".mlp." in n for n in names)
     assert moe == any(n.endswith("experts.w1") for n in names)  # the grouped expert weights too
@@ -80,19 +80,22 @@ def test_bf16_weight_copies_on_a_gpu_with_compiled_blocks():
     for model in (plain, swapped):
         for block in model.blocks:
             block.compile()
-    weights = ComputeWeights(swapped, BF16)
     batches = micro_batches(3, plain.cfg.vocab_size)
     losses_a, grads_a = grads_after(plain, batches)
-    losses_b, grads_b = grads_after(swapped, batches, weights)
-    assert losses_a == pytest.approx(losses_b, rel=1e-5)
-    assert grads_a.keys() == grads_b.keys()
-    fused = [n for n in weights.names if not n.endswith(("w1", "w2", "w3"))]
-    for name in grads_a:
-        if name in fused:  # autocast rounds each micro-batch's dW to bf16 (<= 2^-9 relative); the fused GEMM does not
-            scale = grads_a[name].abs().max().item()
-            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-2, atol=1e-2 * scale, msg=name)
-        else:
-            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-6, msg=name)
+    for fused_wgrad in (False, True):
+        model = copy.deepcopy(swapped)
+        weights = ComputeWeights(model, BF16, fused_wgrad=fused_wgrad)
+        losses_b, grads_b = grads_after(model, batches, weights)
+        assert losses_a == pytest.approx(losses_b, rel=1e-5)
+        assert grads_a.keys() == grads_b.keys()
+        fused = [n for n, m in zip(weights.names, weights.linears) if m is not None]
+        assert bool(fused) == fused_wgrad
+        for name in grads_a:
+            if name in fused:  # autocast rounds each micro-batch's dW to bf16 (<= 2^-9 relative); the fused GEMM not
+                scale = grads_a[name].abs().max().item()
+                torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-2, atol=1e-2 * scale, msg=name)
+            else:
+                torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-6, msg=name)
 
 
 @pytest.mark.gpu
@@ -110,7 +113,8 @@ def test_the_weight_gradient_goes_into_fp32_in_one_gemm_on_a_gpu():
     want = grad.double() + exact
     compute_weights.wgrad_into_(grad, dy, x)
     assert compute_weights._FUSED_GEMM["ok"] is True
-    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-4)
+    # fp32 sums of 4096 products of size ~1 (sums ~64): ~1e-3 of summation-order noise; bf16 rounding is ~0.1
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=5e-3)
     err_bf16 = ((dy.t() @ x).double() - exact).abs().max()  # autocast's bf16 dW: rounded before the fp32 add
     assert (grad.double() - want).abs().max() < 0.1 * err_bf16
 
