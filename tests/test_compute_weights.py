@@ -75,15 +75,18 @@ def test_bf16_weight_copies_on_a_gpu_with_compiled_blocks():
     """The GPU path (cuDNN attention, compiled blocks, grouped-GEMM experts): the same losses and gradients as plain
     autocast, up to run-to-run noise of the CUDA kernels (atomics); a missing or doubled micro-batch is far off."""
     torch.manual_seed(0)
-    plain = Transformer(tiny("diffv2", moe=True), backend="cudnn").cuda()
-    swapped = copy.deepcopy(plain)
-    for model in (plain, swapped):
+    base = Transformer(tiny("diffv2", moe=True), backend="cudnn").cuda()
+
+    def compiled():  # a copy taken before compiling (a compiled block's copy would still call the original's blocks)
+        model = copy.deepcopy(base)
         for block in model.blocks:
             block.compile()
-    batches = micro_batches(3, plain.cfg.vocab_size)
-    losses_a, grads_a = grads_after(plain, batches)
+        return model
+
+    batches = micro_batches(3, base.cfg.vocab_size)
+    losses_a, grads_a = grads_after(compiled(), batches)
     for fused_wgrad in (False, True):
-        model = copy.deepcopy(swapped)
+        model = compiled()
         weights = ComputeWeights(model, BF16, fused_wgrad=fused_wgrad)
         losses_b, grads_b = grads_after(model, batches, weights)
         assert losses_a == pytest.approx(losses_b, rel=1e-5)
