@@ -262,7 +262,8 @@ class Trainer:
                     tokens = next(batches).to(self.device, non_blocking=True)
                     data_time += time.perf_counter() - t0
                     # an observed step observes its first `observed` micro-batches; the rest run the unobserved graph
-                    unobserved = ctx.observers.paused() if 0 < observed <= micro else contextlib.nullcontext()
+                    pause = 0 < observed <= micro and ctx.observers.watching
+                    unobserved = ctx.observers.paused() if pause else contextlib.nullcontext()
                     with unobserved, weights.swapped() if weights is not None else contextlib.nullcontext():
                         loss, ce, _ = self._forward(model, tokens, eod)
                         loss, ce = faults.poison_loss(step + 1, loss, ce)

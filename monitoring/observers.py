@@ -49,6 +49,11 @@ class ObserverHub:
         self._install()
 
     @property
+    def watching(self) -> bool:
+        """Some monitor watches a slot now (O(1): no walk over the modules)."""
+        return bool(self._attention or self._blocks)
+
+    @property
     def installed(self) -> bool:
         return any(m.observer is not None for m in self.attention_modules) or any(
             m.block_observer is not None for m in self.block_owners)
