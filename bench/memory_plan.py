@@ -89,7 +89,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     rows, lines = [], [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch} per GPU; GiB per GPU "
-                       f"(H100 {HBM['H100']}, H200 {HBM['H200']}); FSDP2 over all GPUs + EP = GPUs, fp32 master/grads/AdamW"]
+                       f"(H100 {HBM['H100']}, H200 {HBM['H200']}); FSDP2 over all GPUs + EP = GPUs, "
+                       f"fp32 master/grads/AdamW"]
     lines.append(f"{'variant':<9} {'GPUs':>4} {'params':>8} {'active':>7} {'states':>7} {'gathered':>8} "
                  f"{'act/blk':>7} {'no AC':>7} {'full AC':>8}  fits ({MARGIN} x full AC <= HBM)")
     for variant in args.variants:

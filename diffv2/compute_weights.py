@@ -117,7 +117,8 @@ class ComputeWeights:
                     self.params.append(param)
                     self.linears.append(module if attr == "weight" and fused_wgrad else None)
         # bf16 copies: the Linear ones never get a gradient of their own (fused into the fp32 .grad)
-        self.copies = [p.detach().to(dtype).requires_grad_(linear is None) for p, linear in zip(self.params, self.linears)]
+        self.copies = [p.detach().to(dtype).requires_grad_(linear is None)
+                       for p, linear in zip(self.params, self.linears)]
         for module in self.linears:
             if module is not None:
                 module.__class__ = FusedWgradLinear  # its wgrad_into is the fp32 .grad while swapped in

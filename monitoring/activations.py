@@ -5,7 +5,8 @@ inside the graph (no host synchronisation) and combined over the observed micro-
 `monitoring.observed_micro_batches` of the step; 0 = all): max |h| and the top-k tokens' max
 |h| (the V1 paper reports top-1/2/3; per token, since a top-k over every entry of a large batch costs more
 than the rest of the statistics together), kurtosis E[(x - mu)^4] / var^2 over all entries (Pearson: 3 for a
-Gaussian) and the share of entries with |x| > 6 std. Kurtosis and the share are averaged over the observed micro-batches.
+Gaussian) and the share of entries with |x| > 6 std. Kurtosis and the share are averaged over the observed
+micro-batches.
 
 Legend: B batch, N sequence, M d_model, K top-k.
 """
