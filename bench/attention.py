@@ -4,6 +4,7 @@ Arms: baseline h, DIFF V2 (2h query heads, h outputs), baseline 2h; every availa
 Kernel TFLOP/s use the flash-attention convention (causal fwd = 2*B*S^2*Q*D, fwd+bwd = 3.5x fwd).
 
     python bench/attention.py [--seqs 2048 4096 8192] [--tokens 32768] [--compile]
+    python bench/attention.py --heads 32 --kv-heads 8 --head-dim 64    # the 1b preset's layer (head_dim 64)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffv2.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.kernels import causal_attention, flash_attn_available  # noqa: E402
+from diffv2.kernels import causal_attention, fa4_available, flash_attn_available  # noqa: E402
 from diffv2.record import versions  # noqa: E402
 
 ARMS = {
@@ -80,12 +81,20 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32768, help="batch * seq per measurement")
     p.add_argument("--backends", nargs="+", default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd modules")
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16, help="h: output heads (DIFF V2 has 2h query heads)")
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
-    backends = args.backends or ["cudnn", "sdpa_flash", "flex"] + (["flash_attn"] if flash_attn_available() else [])
-    base = ModelConfig(d_model=2048, n_heads=16, n_kv_heads=4, head_dim=128, max_seq_len=max(args.seqs))
+    backends = args.backends or (["fa4"] if fa4_available() else []) + ["cudnn", "sdpa_flash", "flex"] + (
+        ["flash_attn"] if flash_attn_available() else [])
+    base = ModelConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                       max_seq_len=max(args.seqs))
+    print(f"layer: d_model {args.d_model}, h {args.heads}, h_kv {args.kv_heads}, head_dim {args.head_dim}; "
+          f"backends {backends}", flush=True)
     rows = []
     for seq in args.seqs:
         batch = max(1, args.tokens // seq)
@@ -108,7 +117,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"command": " ".join(sys.argv), "env": versions(), "rows": rows}
+    record = {"command": " ".join(sys.argv), "env": versions(), "rows": rows,
+              "layer": dict(d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)}
     path = out / f"attention-{torch.cuda.get_device_name().replace(' ', '_')}-{stamp}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"results: {path}")

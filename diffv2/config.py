@@ -13,7 +13,7 @@ from typing import List, Optional
 ATTENTION_VARIANTS = ("diffv2", "baseline", "diffv1")
 PAIRINGS = ("interleave", "half_split")
 LAMBDA_MODES = ("sigmoid", "none", "raw")
-BACKENDS = ("auto", "flash_attn", "cudnn", "sdpa_flash", "flex", "math")
+BACKENDS = ("auto", "fa4", "flash_attn", "cudnn", "sdpa_flash", "flex", "math")
 ROPE_STYLES = ("interleaved", "half")
 MOE_ROUTERS = ("softmax", "sigmoid")
 MOE_BALANCE = ("aux_loss", "aux_free", "none")
@@ -27,7 +27,7 @@ class AttentionConfig:
     pairing: str = "interleave"  # diffv2 only: interleave = pairs (2i, 2i+1) per spec §2.4; half_split = ablation 1
     lambda_mode: str = "sigmoid"  # diffv2 only: sigmoid (spec) | none (sigma=1, ablation 2) | raw (no sigmoid, ablation 3)
     combine_fp32: bool = True  # diffv2: sigmoid and subtraction in fp32 (spec A5); False = bit-faithful activation dtype
-    backend: str = "auto"  # auto | flash_attn | cudnn | sdpa_flash | flex | math
+    backend: str = "auto"  # auto | fa4 | flash_attn | cudnn | sdpa_flash | flex | math
     doc_mask: bool = False  # mask attention across EOD document boundaries in packed sequences
     qk_norm: bool = False  # per-head RMSNorm over head_dim on q and k before RoPE (Qwen3 style)
     rope_style: str = "interleaved"  # interleaved (GPT-J, reference) | half (NeoX)

@@ -9,6 +9,7 @@ Legend: B batch, N sequence, Q query heads, K kv heads, D head_dim.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from typing import Optional
 
@@ -27,11 +28,34 @@ _SDPA_BACKENDS = {
 
 @functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
+    """FlashAttention 2 (`flash-attn`). `flash-attn-4` alone also makes `flash_attn` importable (a namespace
+    package holding `flash_attn.cute`), without these functions."""
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and hasattr(flash_attn, "flash_attn_varlen_func")
+
+
+@functools.lru_cache(maxsize=None)
+def fa4_unavailable() -> Optional[str]:
+    """Why the `fa4` backend cannot run here, or None when it can: FlashAttention-4's CuTe DSL kernels
+    (`pip install flash-attn-4`, which brings `nvidia-cutlass-dsl`) on a Hopper (SM90) or Blackwell (SM100) GPU."""
+    if not torch.cuda.is_available():
+        return "attention.backend=fa4 needs a CUDA GPU; use attention.backend=auto or math on CPU"
+    major = torch.cuda.get_device_capability()[0]
+    if major not in (9, 10):
+        return f"attention.backend=fa4 needs a Hopper or Blackwell GPU (compute capability 9.x/10.x), not {major}.x"
+    try:
+        importlib.import_module("flash_attn.cute.interface")
+    except Exception as exc:  # ImportError, or its compiler's CUDA libraries failing to load
+        return (f"attention.backend=fa4 but flash_attn.cute does not import ({type(exc).__name__}: "
+                f"{str(exc)[:120]}); pip install flash-attn-4 or use attention.backend=auto")
+    return None
+
+
+def fa4_available() -> bool:
+    return fa4_unavailable() is None
 
 
 def resolve_backend(backend: str, device: torch.device, doc_mask: bool) -> str:
@@ -43,17 +67,23 @@ def resolve_backend(backend: str, device: torch.device, doc_mask: bool) -> str:
         elif doc_mask:
             choice = "flash_attn" if flash_attn_available() else "flex"
         elif torch.cuda.get_device_capability(device)[0] >= 9:
-            choice = "cudnn"  # ~1.8x the FA2 backend SDPA picks by default on Hopper
+            # cuDNN: ~1.8x the FA2 backend SDPA picks by default on Hopper. FA4, where installed, is faster still
+            # at head_dim 64 (bench/results/throughput-1b-H100.md).
+            choice = "fa4" if fa4_available() else "cudnn"
         else:
             choice = "flash_attn" if flash_attn_available() else "sdpa_flash"
         log.info("attention backend: auto -> %s", choice)
         return choice
-    if backend in ("cudnn", "sdpa_flash", "flash_attn") and not on_gpu:
+    if backend in ("cudnn", "sdpa_flash", "flash_attn", "fa4") and not on_gpu:
         raise ValueError(f"attention.backend={backend} needs a CUDA GPU; use attention.backend=auto or math on CPU")
+    if backend == "fa4" and fa4_unavailable():
+        raise ValueError(fa4_unavailable())
     if backend == "flash_attn" and not flash_attn_available():
-        raise ValueError("attention.backend=flash_attn but flash_attn is not installed; pip install flash-attn or use auto")
-    if doc_mask and backend in ("cudnn", "sdpa_flash"):
-        raise ValueError(f"attention.backend={backend} cannot mask documents; use flex, flash_attn or auto with doc_mask")
+        raise ValueError("attention.backend=flash_attn but flash_attn is not installed; "
+                         "pip install flash-attn or use auto")
+    if doc_mask and backend in ("cudnn", "sdpa_flash", "fa4"):
+        raise ValueError(f"attention.backend={backend} cannot mask documents; "
+                         "use flex, flash_attn or auto with doc_mask")
     return backend
 
 
@@ -73,6 +103,8 @@ def causal_attention(
     """softmax(q k^T / sqrt(D) + causal [+ same-document]) v, returned as (B, N, Q, D)."""
     if backend == "flash_attn":
         return _flash_attn(q_BNQD, k_BNKD, v_BNKD, doc_ids_BN)
+    if backend == "fa4" and doc_ids_BN is None:  # takes (B, N, heads, D) as it is: no transposes
+        return torch.ops.diffv2.fa4_attention(q_BNQD.contiguous(), k_BNKD.contiguous(), v_BNKD.contiguous())[0]
     q, k, v = (t.transpose(1, 2) for t in (q_BNQD, k_BNKD, v_BNKD))  # SDPA/flex take (B, H, N, D)
     if backend == "flex":
         out_BQND = _flex(q, k, v, doc_ids_BN)
@@ -84,6 +116,52 @@ def causal_attention(
         with sdpa_kernel([_SDPA_BACKENDS[backend]]):
             out_BQND = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return out_BQND.transpose(1, 2)
+
+
+# FlashAttention-4 as two opaque custom ops: torch.compile calls them from a compiled block instead of tracing the
+# CuTe DSL launcher (its JIT compile and cache lookups are host Python). Inputs are made contiguous by the caller,
+# so the real outputs have the fake ones' (contiguous) strides.
+@torch.library.custom_op("diffv2::fa4_attention", mutates_args=(), device_types="cuda")
+def fa4_attention(q_BNQD: torch.Tensor, k_BNKD: torch.Tensor, v_BNKD: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention with GQA; returns the output (B, N, Q, D) and the fp32 log-sum-exp (B, Q, N)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out_BNQD, lse_BQN = _flash_attn_fwd(q_BNQD, k_BNKD, v_BNKD, causal=True, return_lse=True)[:2]
+    return out_BNQD, lse_BQN
+
+
+@fa4_attention.register_fake
+def _fa4_attention_fake(q_BNQD, k_BNKD, v_BNKD):
+    b, n, n_q, _ = q_BNQD.shape
+    return torch.empty_like(q_BNQD), q_BNQD.new_empty((b, n_q, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffv2::fa4_attention_backward", mutates_args=(), device_types="cuda")
+def fa4_attention_backward(dout_BNQD: torch.Tensor, q_BNQD: torch.Tensor, k_BNKD: torch.Tensor, v_BNKD: torch.Tensor,
+                           out_BNQD: torch.Tensor, lse_BQN: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q_BNQD, k_BNKD, v_BNKD, out_BNQD, dout_BNQD, lse_BQN, causal=True)[:3]
+    return dq, dk, dv
+
+
+@fa4_attention_backward.register_fake
+def _fa4_attention_backward_fake(dout_BNQD, q_BNQD, k_BNKD, v_BNKD, out_BNQD, lse_BQN):
+    return torch.empty_like(q_BNQD), torch.empty_like(k_BNKD), torch.empty_like(v_BNKD)
+
+
+def _fa4_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fa4_backward(ctx, dout_BNQD, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return fa4_attention_backward(dout_BNQD.contiguous(), q, k, v, out, lse)
+
+
+fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
 def _doc_causal_mask(doc_ids_BN: torch.Tensor) -> torch.Tensor:

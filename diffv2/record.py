@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "megatron-core", "wandb", "tokenizers", "deepspeed",
-            "flash-attn")
+            "flash-attn", "flash-attn-4", "nvidia-cutlass-dsl")
 
 
 def _git(*args: str, cwd: Path) -> str:

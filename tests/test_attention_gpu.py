@@ -31,13 +31,15 @@ if str(ROOT) not in sys.path:
 
 from diffv2.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.kernels import causal_attention, doc_ids_from_tokens, flash_attn_available, resolve_backend  # noqa: E402
+from diffv2.kernels import (  # noqa: E402
+    causal_attention, doc_ids_from_tokens, fa4_available, fa4_unavailable, flash_attn_available, resolve_backend,
+)
 from tests import reference as ref  # noqa: E402
 from tests.reference import init_sharp_, weights  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-BACKENDS = ["cudnn", "sdpa_flash", "flex", "flash_attn", "math"]
+BACKENDS = ["fa4", "cudnn", "sdpa_flash", "flex", "flash_attn", "math"]
 REQUIRED_ON_HOPPER = {"cudnn", "sdpa_flash", "flex", "math"}
 GRID = [(2, 37, 256, 4, 2, 64), (1, 128, 512, 8, 8, 64), (2, 64, 512, 8, 1, 64), (1, 257, 1024, 16, 4, 64),
         (2, 4096, 2048, 16, 4, 128)]
@@ -65,6 +67,8 @@ def run_backend(backend: str, fn):
     """Run fn; an unsupported backend is a skip with the reason, except the ones Hopper must have."""
     if backend == "flash_attn" and not flash_attn_available():
         pytest.skip("flash_attn is not installed")
+    if backend == "fa4" and not fa4_available():
+        pytest.skip(fa4_unavailable())
     try:
         return fn()
     except (RuntimeError, NotImplementedError) as exc:
@@ -298,11 +302,12 @@ def test_doc_mask_backends_agree_with_math(backend):
 
 
 def test_auto_backend_resolves_and_runs():
-    """`auto` picks a runnable backend on this GPU with and without document masking (cudnn on Hopper)."""
+    """`auto` picks a runnable backend on this GPU with and without document masking (on Hopper: fa4 where installed,
+    else cudnn)."""
     dev = torch.device(DEV)
     plain, doc = resolve_backend("auto", dev, False), resolve_backend("auto", dev, True)
     if is_hopper():
-        assert plain == "cudnn"
+        assert plain == ("fa4" if fa4_available() else "cudnn")
     assert doc in ("flash_attn", "flex")
     B, N, D, h, h_kv, d = 2, 128, 512, 8, 2, 64
     for backend, doc_ids in ((plain, None), (doc, doc_ids_for(B, N))):
@@ -328,3 +333,22 @@ def test_inference_uses_the_fused_combine_and_matches_training_forward(monkeypat
     assert used == [False], "only the no-grad forward takes the fused path"
     assert not attention._FUSED.get("broken"), "the compiled combine fell back to eager"
     torch.testing.assert_close(y_infer.float(), y_train.float(), rtol=2**-6, atol=2**-10)
+
+
+def test_fa4_inside_a_compiled_layer_matches_eager():
+    """The fa4 backend's custom ops inside torch.compile (fullgraph: no graph break at the kernel) give the eager
+    layer's output and gradients."""
+    if not fa4_available():
+        pytest.skip(fa4_unavailable())
+    B, N, D, h, h_kv, d = 2, 512, 1024, 8, 2, 64
+    x, g = inputs(B, N, D)
+    results = []
+    for compiled in (False, True):
+        m = make_bf16_attention(D, h, h_kv, d, "fa4")
+        fn = torch.compile(m, fullgraph=True) if compiled else m
+        xi = x.clone().requires_grad_(True)
+        (fn(xi).float() * g.float()).sum().backward()
+        results.append([xi.grad] + [p.grad for p in m.parameters()])
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp.float(), eager.float(), rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+    assert all(t.abs().max() > 0 for t in results[1])

@@ -555,7 +555,7 @@ def test_resolve_backend_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu, False) == "math" and resolve_backend("auto", cpu, True) == "math"
     assert resolve_backend("flex", cpu, True) == "flex" and resolve_backend("math", cpu, True) == "math"
-    for backend in ("cudnn", "sdpa_flash", "flash_attn"):
+    for backend in ("cudnn", "sdpa_flash", "flash_attn", "fa4"):
         with pytest.raises(ValueError, match="CUDA") as exc:
             resolve_backend(backend, cpu, False)
         assert "\n" not in str(exc.value)
@@ -636,3 +636,26 @@ def test_meta_init_device_draws_are_seeded_and_distributed_like_a_normal_build()
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_meta_init_device_draws_on_the_gpu():
     _check_device_draws("cuda")
+
+
+def test_fa4_backend_reports_why_it_cannot_run_and_flash_attn_needs_fa2(monkeypatch):
+    """`fa4_unavailable` names the reason in one line on a machine without a Hopper/Blackwell GPU or without the
+    package; `flash-attn-4` alone (a `flash_attn` namespace package without FA2's functions) is not FA2."""
+    import types
+
+    from diffv2 import kernels
+
+    reason = kernels.fa4_unavailable()
+    if not torch.cuda.is_available():
+        assert reason is not None and "\n" not in reason and "fa4" in reason
+        assert not kernels.fa4_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fa4_alone, fa2 = types.ModuleType("flash_attn"), types.ModuleType("flash_attn")
+    fa2.flash_attn_func = fa2.flash_attn_varlen_func = lambda *a, **k: None
+    found = []
+    for module in (fa4_alone, fa2):
+        monkeypatch.setitem(sys.modules, "flash_attn", module)
+        kernels.flash_attn_available.cache_clear()
+        found.append(kernels.flash_attn_available())
+    kernels.flash_attn_available.cache_clear()
+    assert found == [False, True]

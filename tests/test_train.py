@@ -236,6 +236,36 @@ def test_kernel_summary_sorts_device_time_into_kinds():
     assert kernel_summary([], 1.0) == "no device kernels recorded\n"
 
 
+def test_idle_gaps_name_the_host_cause_of_each_device_gap():
+    """A synthetic trace: a gap after the host waited in a synchronising call, and a gap where the next kernel was
+    launched late inside the optimizer step; each is timed and named, the largest first."""
+    from diffv2.profiling import idle_gaps
+
+    def ev(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": tid, "args": args}
+
+    events = [
+        ev("kernel", "k1", 0, 100, tid=20, correlation=1), ev("kernel", "k2", 150, 110, tid=20, correlation=2),
+        ev("kernel", "k3", 400, 100, tid=20, correlation=3), ev("kernel", "k4", 505, 10, tid=20, correlation=4),
+        ev("cuda_runtime", "cudaLaunchKernel", 5, 3, correlation=1),
+        ev("cuda_runtime", "cudaStreamSynchronize", 20, 85),
+        ev("cuda_runtime", "cudaLaunchKernel", 120, 3, correlation=2),
+        ev("cuda_driver", "cuLaunchKernel", 380, 3, correlation=3),
+        ev("cuda_runtime", "cudaLaunchKernel", 386, 3, correlation=4),
+        ev("user_annotation", "ProfilerStep#1", 0, 1000), ev("cpu_op", "aten::item", 10, 100),
+        ev("cpu_op", "aten::_local_scalar_dense", 12, 96), ev("user_annotation", "Optimizer.step", 300, 90),
+        ev("cpu_op", "aten::add_", 370, 15),
+    ]
+    lines = idle_gaps(events).splitlines()
+    assert lines[0] == ("device idle gaps of >= 10 us: 0.2 ms in 2 gaps (36.9% of the 0.5 ms from the first to the "
+                        "last kernel), by cause:")
+    assert lines[2].split(None, 3) == ["0.14", "73.7%", "1", "launch: ProfilerStep#1 > aten::add_"]
+    assert lines[3].split(None, 3) == ["0.05", "26.3%", "1",
+                                       "sync: cudaStreamSynchronize in ProfilerStep#1 > aten::_local_scalar_dense"]
+    assert lines[-2].split(None, 2)[:2] == ["0.14", "0.3"] and lines[-1].split(None, 2)[:2] == ["0.05", "0.1"]
+    assert "fewer than two" in idle_gaps(events[:1])
+
+
 def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path, data_cache, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "wb"
