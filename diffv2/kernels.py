@@ -58,12 +58,19 @@ def fa4_available() -> bool:
     return fa4_unavailable() is None
 
 
-def resolve_backend(backend: str, device: torch.device, doc_mask: bool) -> str:
-    """Turn `auto` into a concrete backend for this device; reject backends this machine cannot run."""
+_HALF_ONLY = ("fa4", "cudnn", "flash_attn", "sdpa_flash")  # fused kernels for fp16/bf16 inputs only
+
+
+def resolve_backend(backend: str, device: torch.device, doc_mask: bool, dtype: Optional[torch.dtype] = None) -> str:
+    """Turn `auto` into a concrete backend for this device; reject backends this machine cannot run. `dtype`: the
+    attention inputs' dtype where known (fp32 on a GPU gets flex, which takes it)."""
     on_gpu = device.type == "cuda"
+    fp32 = dtype is not None and dtype not in (torch.float16, torch.bfloat16)
     if backend == "auto":
         if not on_gpu:
             choice = "math"
+        elif fp32:
+            choice = "flex"
         elif doc_mask:
             choice = "flash_attn" if flash_attn_available() else "flex"
         elif torch.cuda.get_device_capability(device)[0] >= 9:
@@ -78,6 +85,9 @@ def resolve_backend(backend: str, device: torch.device, doc_mask: bool) -> str:
         raise ValueError(f"attention.backend={backend} needs a CUDA GPU; use attention.backend=auto or math on CPU")
     if backend == "fa4" and fa4_unavailable():
         raise ValueError(fa4_unavailable())
+    if fp32 and backend in _HALF_ONLY:
+        raise ValueError(f"attention.backend={backend} runs bf16/fp16 only, and this run computes in {dtype}; "
+                         "set trainer.precision=bf16, or attention.backend=flex (or auto)")
     if backend == "flash_attn" and not flash_attn_available():
         raise ValueError("attention.backend=flash_attn but flash_attn is not installed; "
                          "pip install flash-attn or use auto")

@@ -77,9 +77,10 @@ class Trainer:
             logging.getLogger().setLevel(logging.WARNING)
         self.dp_size = self.env.world_size // cfg.parallel.tp
         self.dp_rank = self.env.rank // cfg.parallel.tp  # mesh order (dp_replicate, dp_shard, tp): tp innermost
-        self.backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask)
         bf16 = t.precision == "bf16" or (t.precision == "auto" and want_cuda)
         self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask,
+                                       self.autocast_dtype or torch.float32)
         if t.bf16_weights and self.autocast_dtype is None:
             raise ValueError("trainer.bf16_weights=true needs bf16 autocast: set trainer.precision=bf16 (auto is fp32 "
                              "on CPU) or drop trainer.bf16_weights")

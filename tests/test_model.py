@@ -638,6 +638,20 @@ def test_gpu_meta_init_device_draws_on_the_gpu():
     _check_device_draws("cuda")
 
 
+def test_resolve_backend_for_fp32_inputs_on_a_gpu():
+    """An fp32 run on a GPU (trainer.precision=fp32): `auto` takes flex, the bf16/fp16-only kernels are a one-line
+    error naming the fix (no device is touched: the device is only named)."""
+    gpu = torch.device("cuda")
+    assert resolve_backend("auto", gpu, False, torch.float32) == "flex"
+    assert resolve_backend("auto", gpu, True, torch.float32) == "flex"
+    assert resolve_backend("flex", gpu, False, torch.float32) == "flex"
+    for backend in ("cudnn", "sdpa_flash"):
+        with pytest.raises(ValueError, match="trainer.precision=bf16") as exc:
+            resolve_backend(backend, gpu, False, torch.float32)
+        assert "\n" not in str(exc.value)
+    assert resolve_backend("cudnn", gpu, False, torch.bfloat16) == "cudnn"
+
+
 def test_fa4_backend_reports_why_it_cannot_run_and_flash_attn_needs_fa2(monkeypatch):
     """`fa4_unavailable` names the reason in one line on a machine without a Hopper/Blackwell GPU or without the
     package; `flash-attn-4` alone (a `flash_attn` namespace package without FA2's functions) is not FA2."""
