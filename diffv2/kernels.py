@@ -58,7 +58,7 @@ def fa4_available() -> bool:
     return fa4_unavailable() is None
 
 
-_HALF_ONLY = ("fa4", "cudnn", "flash_attn", "sdpa_flash")  # fused kernels for fp16/bf16 inputs only
+_FUSED_GPU = ("fa4", "cudnn", "flash_attn", "sdpa_flash")  # fused kernels: CUDA only, fp16/bf16 inputs only
 
 
 def resolve_backend(backend: str, device: torch.device, doc_mask: bool, dtype: Optional[torch.dtype] = None) -> str:
@@ -81,11 +81,11 @@ def resolve_backend(backend: str, device: torch.device, doc_mask: bool, dtype: O
             choice = "flash_attn" if flash_attn_available() else "sdpa_flash"
         log.info("attention backend: auto -> %s", choice)
         return choice
-    if backend in ("cudnn", "sdpa_flash", "flash_attn", "fa4") and not on_gpu:
+    if backend in _FUSED_GPU and not on_gpu:
         raise ValueError(f"attention.backend={backend} needs a CUDA GPU; use attention.backend=auto or math on CPU")
     if backend == "fa4" and fa4_unavailable():
         raise ValueError(fa4_unavailable())
-    if fp32 and backend in _HALF_ONLY:
+    if fp32 and backend in _FUSED_GPU:
         raise ValueError(f"attention.backend={backend} runs bf16/fp16 only, and this run computes in {dtype}; "
                          "set trainer.precision=bf16, or attention.backend=flex (or auto)")
     if backend == "flash_attn" and not flash_attn_available():

@@ -120,7 +120,7 @@ def idle_gaps(events: list[dict], min_gap_us: float = 10.0, top: int = 12) -> st
         return "device idle gaps: fewer than two device activities recorded\n"
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in _LAUNCH_CATS and "correlation" in e.get("args", {})}
-    syncs = sorted((e["ts"] + e.get("dur", 0), e["name"], e.get("tid")) for e in events
+    syncs = sorted((e["ts"] + e.get("dur", 0), e["name"], (e.get("pid"), e.get("tid"))) for e in events
                    if e.get("cat") in _LAUNCH_CATS and _SYNC.search(e.get("name", "")))
     sync_ends = [s[0] for s in syncs]
     by_thread: dict = {}
@@ -161,15 +161,18 @@ def _gap_cause(gap_start: float, next_event: dict, launches: dict, syncs: list, 
     # A synchronising call that returned between the start of the gap and the next launch: the host waited there.
     i = bisect.bisect_left(sync_ends, gap_start)
     if i < len(syncs) and syncs[i][0] <= launched_at:
-        end, name, tid = syncs[i]
-        ops = next((h for (pid, t), h in host.items() if t == tid), None)
-        outer, inner = ops.enclosing(end) if ops is not None else ("-", "-")
+        end, name, thread = syncs[i]
+        outer, inner = _enclosing(host, thread, end)
         return f"sync: {name} in {outer} > {inner}"
     if launch is None:
         return "launch: (no launch record)"
-    ops = host.get((launch.get("pid"), launch.get("tid")))
-    outer, inner = ops.enclosing(launched_at) if ops is not None else ("-", "-")
+    outer, inner = _enclosing(host, (launch.get("pid"), launch.get("tid")), launched_at)
     return f"launch: {outer} > {inner}"
+
+
+def _enclosing(host: dict, thread: tuple, t: float) -> tuple[str, str]:
+    ops = host.get(thread)
+    return ops.enclosing(t) if ops is not None else ("-", "-")
 
 
 class ProfilerCallback(Callback):
