@@ -33,19 +33,23 @@ ARMS = {
 
 
 def bench_ms(fn, warmup: int = 5, reps: int = 20) -> float:
-    """Median wall time of fn() in ms, measured with CUDA events."""
+    """Median device time of fn() in ms, from CUDA events around each rep.
+
+    The reps are queued back to back with no host sync between them, as a training loop runs: once the host is ahead
+    of the GPU, a rep's events bracket its kernels only. (A sync after every rep made each rep start on an idle GPU,
+    so the host time to its first launch was timed too: ~0.2 ms per FA4 call, whose launcher is Python.) A host-bound
+    fn still shows its host time, because its kernels then wait for their launches."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
 
 
 def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: bool):
@@ -56,7 +60,8 @@ def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: 
     x = torch.randn(batch, seq, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
-    def step():
+    def step():  # x stands for the residual stream: its gradient is not accumulated; the weights' are, as in training
+        x.grad = None
         fwd(x).backward(grad)
 
     return step
@@ -69,8 +74,8 @@ def core_case(n_q: int, cfg: ModelConfig, backend: str, batch: int, seq: int):
     v = torch.randn_like(k, requires_grad=True)
     grad = torch.randn_like(q)
 
-    def step():
-        causal_attention(q, k, v, backend).backward(grad)
+    def step():  # autograd.grad: q, k, v stand for projection outputs, so no .grad accumulation is timed
+        torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), grad)
 
     return step
 
