@@ -1,7 +1,8 @@
 """Attention benchmark (GPU): fwd+bwd time of the attention module and of its kernel core.
 
 Arms: baseline h, DIFF V2 (2h query heads, h outputs), baseline 2h; every available backend; S in 2048/4096/8192.
-Kernel TFLOP/s use the flash-attention convention (causal fwd = 2*B*S^2*Q*D, fwd+bwd = 3.5x fwd).
+Kernel TFLOP/s use the flash-attention convention (causal fwd = 2*B*S^2*Q*D, fwd+bwd = 3.5x fwd). The core (the kernel
+alone, fwd+bwd) is timed --repeats times per case, round-robin over the cases; the table gives the median and range.
 
     python bench/attention.py [--seqs 2048 4096 8192] [--tokens 32768] [--compile]
     python bench/attention.py --heads 32 --kv-heads 8 --head-dim 64    # the 1b preset's layer (head_dim 64)
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +69,12 @@ def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: 
     return step
 
 
+def arm_config(base: ModelConfig, arm: str) -> tuple[ModelConfig, int]:
+    """The arm's model config and its number of query heads."""
+    cfg = ModelConfig(**{**base.__dict__, "attention": AttentionConfig(**ARMS[arm])})
+    return cfg, (2 * cfg.n_heads if arm != "baseline_h" else cfg.n_heads)
+
+
 def core_case(n_q: int, cfg: ModelConfig, backend: str, batch: int, seq: int):
     d = cfg.head_dim
     q = torch.randn(batch, seq, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -90,10 +98,13 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16, help="h: output heads (DIFF V2 has 2h query heads)")
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="core timings per case (median reported)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
+    if args.repeats < 1:
+        sys.exit("bench/attention.py: --repeats must be >= 1")
     backends = args.backends or (["fa4"] if fa4_available() else []) + ["cudnn", "sdpa_flash", "flex"] + (
         ["flash_attn"] if flash_attn_available() else [])
     base = ModelConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
@@ -104,9 +115,8 @@ def main() -> None:
     for seq in args.seqs:
         batch = max(1, args.tokens // seq)
         for backend in backends:
-            for arm, kw in ARMS.items():
-                cfg = ModelConfig(**{**base.__dict__, "attention": AttentionConfig(**kw)})
-                n_q = 2 * cfg.n_heads if arm != "baseline_h" else cfg.n_heads
+            for arm in ARMS:
+                cfg, n_q = arm_config(base, arm)
                 try:
                     core = bench_ms(core_case(n_q, cfg, backend, batch, seq))
                     eager = bench_ms(module_case(cfg, backend, batch, seq, False))
@@ -114,10 +124,25 @@ def main() -> None:
                 except Exception as e:  # a backend may not support a shape; record why
                     rows.append(dict(seq=seq, backend=backend, arm=arm, error=f"{type(e).__name__}: {e}"[:200]))
                     continue
-                flops = 3.5 * 2 * batch * seq * seq * n_q * cfg.head_dim
-                rows.append(dict(seq=seq, batch=batch, backend=backend, arm=arm, core_ms=core,
-                                 core_tflops=flops / core / 1e9, module_ms=eager, module_compiled_ms=comp))
+                rows.append(dict(seq=seq, batch=batch, backend=backend, arm=arm, core_runs=[core],
+                                 module_ms=eager, module_compiled_ms=comp))
                 torch.cuda.empty_cache()
+    # The cores again, round-robin over every case, so that a drift of the GPU clock (power, temperature) spreads over
+    # all arms instead of landing on whichever ran last; the table reports the median and the range.
+    for _ in range(args.repeats - 1):
+        for r in rows:
+            if "error" not in r:
+                cfg, n_q = arm_config(base, r["arm"])
+                r["core_runs"].append(bench_ms(core_case(n_q, cfg, r["backend"], r["batch"], r["seq"])))
+                torch.cuda.empty_cache()
+    for r in rows:
+        if "error" not in r:
+            _, n_q = arm_config(base, r["arm"])
+            flops = 3.5 * 2 * r["batch"] * r["seq"] ** 2 * n_q * base.head_dim
+            r["core_ms"] = statistics.median(r["core_runs"])
+            r["core_tflops"] = flops / r["core_ms"] / 1e9
+            r["core_tflops_min"], r["core_tflops_max"] = (flops / max(r["core_runs"]) / 1e9,
+                                                          flops / min(r["core_runs"]) / 1e9)
     print_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +161,7 @@ def _best_ms(row: dict) -> float:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'seq':>5} {'backend':<11} {'arm':<12} {'core ms':>8} {'core TF/s':>9} {'module ms':>9} "
+    print(f"{'seq':>5} {'backend':<11} {'arm':<12} {'core ms':>8} {'core TF/s':>9} {'range':>11} {'module ms':>9} "
           f"{'compiled':>9} {'vs 2h':>6}")
     ref = {(r["seq"], r["backend"]): r for r in rows if r["arm"] == "baseline_2h" and "error" not in r}
     for r in rows:
@@ -145,8 +170,9 @@ def print_table(rows: list[dict]) -> None:
             continue
         two_h = ref.get((r["seq"], r["backend"]))
         ratio = _best_ms(r) / _best_ms(two_h) if two_h else float("nan")
+        spread = f"{r['core_tflops_min']:.0f}-{r['core_tflops_max']:.0f}"
         print(f"{r['seq']:>5} {r['backend']:<11} {r['arm']:<12} {r['core_ms']:>8.3f} {r['core_tflops']:>9.1f} "
-              f"{r['module_ms']:>9.3f} {r['module_compiled_ms']:>9.3f} {ratio:>6.3f}")
+              f"{spread:>11} {r['module_ms']:>9.3f} {r['module_compiled_ms']:>9.3f} {ratio:>6.3f}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,23 @@ def _max_rel_err(got, ref) -> float:
     return max(((g.float() - r.float()).abs().max() / r.float().abs().max()).item() for g, r in zip(got, ref))
 
 
+def host_ms(fn, reps: int = 10) -> float:
+    """Host time per call of fn with the GPU left to run behind (no sync inside): above the device time, fn is
+    launch-bound when called alone."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / reps * 1e3
+
+
+def measure(fn) -> dict:
+    """Event time (bench_ms), host time per call and device time per call (the profiler's kernel sum), in ms."""
+    return dict(ms=bench_ms(fn), host_ms=host_ms(fn), device_ms=sum(ms for _, ms in kernel_breakdown(fn)))
+
+
 def kernel_breakdown(fn, reps: int = 5) -> list[tuple[str, float]]:
     """Device time per call of each kernel fn launches, from the profiler (ms, largest first)."""
     from torch.profiler import ProfilerActivity, profile
@@ -138,22 +155,22 @@ def main() -> None:
             kw = FWD_VARIANTS[name]
             try:
                 err = _max_rel_err(run_fwd(q, k, v, kw)[:1], (out,))
-                ms = bench_ms(lambda: run_fwd(q, k, v, kw))
+                times = measure(lambda: run_fwd(q, k, v, kw))
             except Exception as e:  # a config the kernel rejects: record why
                 rows.append(dict(seq=seq, pass_="fwd", variant=name, error=f"{type(e).__name__}: {e}"[:200]))
                 continue
-            rows.append(dict(seq=seq, batch=batch, pass_="fwd", variant=name, ms=ms,
-                             tflops=fwd_flops / ms / 1e9, max_rel_err=err))
+            rows.append(dict(seq=seq, batch=batch, pass_="fwd", variant=name, **times,
+                             tflops=fwd_flops / times["ms"] / 1e9, max_rel_err=err))
         for name in args.bwd:
             variant = BWD_VARIANTS[name]
             try:
                 err = _max_rel_err(run_bwd(q, k, v, out, dout, lse, variant), ref_bwd)
-                ms = bench_ms(lambda: run_bwd(q, k, v, out, dout, lse, variant))
+                times = measure(lambda: run_bwd(q, k, v, out, dout, lse, variant))
             except Exception as e:
                 rows.append(dict(seq=seq, pass_="bwd", variant=name, error=f"{type(e).__name__}: {e}"[:200]))
                 continue
-            rows.append(dict(seq=seq, batch=batch, pass_="bwd", variant=name, ms=ms,
-                             tflops=2.5 * fwd_flops / ms / 1e9, max_rel_err=err))
+            rows.append(dict(seq=seq, batch=batch, pass_="bwd", variant=name, **times,
+                             tflops=2.5 * fwd_flops / times["ms"] / 1e9, max_rel_err=err))
         if args.profile:
             kernels[seq] = kernel_breakdown(lambda: run_bwd(q, k, v, out, dout, lse, {}))
     summary = print_table(rows)
@@ -179,7 +196,8 @@ MAX_REL_ERR = 2e-2
 
 def print_table(rows: list[dict]) -> dict:
     """Print every row with its speed-up over the default, then the best fwd+bwd per S; return that summary."""
-    print(f"{'seq':>5} {'pass':<4} {'variant':<20} {'ms':>8} {'TF/s':>7} {'vs default':>10} {'max rel err':>11}")
+    print(f"{'seq':>5} {'pass':<4} {'variant':<20} {'ms':>8} {'TF/s':>7} {'vs default':>10} {'host ms':>8} "
+          f"{'device ms':>9} {'max rel err':>11}")
     default = {(r["seq"], r["pass_"]): r for r in rows if r["variant"] == "default" and "error" not in r}
     for r in rows:
         if "error" in r:
@@ -189,7 +207,7 @@ def print_table(rows: list[dict]) -> dict:
         speedup = base["ms"] / r["ms"] if base else float("nan")
         flag = "" if r["max_rel_err"] <= MAX_REL_ERR else "  DIFFERS"
         print(f"{r['seq']:>5} {r['pass_']:<4} {r['variant']:<20} {r['ms']:>8.3f} {r['tflops']:>7.1f} {speedup:>10.3f} "
-              f"{r['max_rel_err']:>11.2e}{flag}")
+              f"{r['host_ms']:>8.3f} {r['device_ms']:>9.3f} {r['max_rel_err']:>11.2e}{flag}")
     summary = {}
     for seq in sorted({r["seq"] for r in rows}):
         best = {}
