@@ -6,6 +6,7 @@ alone, fwd+bwd) is timed --repeats times per case, round-robin over the cases; t
 
     python bench/attention.py [--seqs 2048 4096 8192] [--tokens 32768] [--compile]
     python bench/attention.py --heads 32 --kv-heads 8 --head-dim 64    # the 1b preset's layer (head_dim 64)
+    python bench/attention.py --docs 8 --backends fa4 flash_attn flex  # packed documents, masked across boundaries
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffv2.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.kernels import causal_attention, fa4_available, flash_attn_available  # noqa: E402
+from diffv2.kernels import causal_attention, fa4_available, flash_attn_available, resolve_backend  # noqa: E402
 from diffv2.record import versions  # noqa: E402
 
 ARMS = {
@@ -54,7 +56,29 @@ def bench_ms(fn, warmup: int = 5, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
-def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: bool):
+def packed_doc_ids(batch: int, seq: int, docs: int) -> Optional[torch.Tensor]:
+    """Document ids of rows packed with `docs` documents each, at random (seeded) boundaries; None when docs is 0."""
+    if docs <= 0:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    starts = [torch.randperm(seq - 1, generator=gen)[: docs - 1] + 1 for _ in range(batch)]
+    is_start = torch.zeros(batch, seq, dtype=torch.long)
+    for row, cut in enumerate(starts):
+        is_start[row, cut] = 1
+    return torch.cumsum(is_start, dim=1).to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def causal_pairs(batch: int, seq: int, doc_ids: Optional[torch.Tensor]) -> int:
+    """Sum over sequences of length^2 (the flash-attention convention's S^2, per document when packed)."""
+    if doc_ids is None:
+        return batch * seq * seq
+    lengths = torch.unique_consecutive(doc_ids + torch.arange(batch, device=doc_ids.device)[:, None] * seq,
+                                       return_counts=True)[1]
+    return int((lengths.long() ** 2).sum())
+
+
+def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: bool,
+                doc_ids: Optional[torch.Tensor] = None):
     module = Attention(cfg, layer_idx=0, backend=backend).cuda().bfloat16()
     if compile_:
         torch._dynamo.reset()  # each arm is a fresh compile, not a recompile against the last arm's guards
@@ -64,18 +88,19 @@ def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: 
 
     def step():  # x stands for the residual stream: its gradient is not accumulated; the weights' are, as in training
         x.grad = None
-        fwd(x).backward(grad)
+        fwd(x, doc_ids).backward(grad)
 
     return step
 
 
-def arm_config(base: ModelConfig, arm: str) -> tuple[ModelConfig, int]:
+def arm_config(base: ModelConfig, arm: str, docs: bool = False) -> tuple[ModelConfig, int]:
     """The arm's model config and its number of query heads."""
-    cfg = ModelConfig(**{**base.__dict__, "attention": AttentionConfig(**ARMS[arm])})
+    cfg = ModelConfig(**{**base.__dict__, "attention": AttentionConfig(**ARMS[arm], doc_mask=docs)})
     return cfg, (2 * cfg.n_heads if arm != "baseline_h" else cfg.n_heads)
 
 
-def core_case(n_q: int, cfg: ModelConfig, backend: str, batch: int, seq: int):
+def core_case(n_q: int, cfg: ModelConfig, backend: str, batch: int, seq: int,
+              doc_ids: Optional[torch.Tensor] = None):
     d = cfg.head_dim
     q = torch.randn(batch, seq, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(batch, seq, cfg.n_kv_heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -83,7 +108,7 @@ def core_case(n_q: int, cfg: ModelConfig, backend: str, batch: int, seq: int):
     grad = torch.randn_like(q)
 
     def step():  # autograd.grad: q, k, v stand for projection outputs, so no .grad accumulation is timed
-        torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), grad)
+        torch.autograd.grad(causal_attention(q, k, v, backend, doc_ids), (q, k, v), grad)
 
     return step
 
@@ -99,6 +124,8 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="core timings per case (median reported)")
+    p.add_argument("--docs", type=int, default=0,
+                   help="pack each row with this many documents (random boundaries) and mask across them")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -110,17 +137,21 @@ def main() -> None:
     base = ModelConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
                        max_seq_len=max(args.seqs))
     print(f"layer: d_model {args.d_model}, h {args.heads}, h_kv {args.kv_heads}, head_dim {args.head_dim}; "
-          f"backends {backends}", flush=True)
+          f"backends {backends}" + (f"; {args.docs} documents per row" if args.docs else ""), flush=True)
+    docs = args.docs > 0
+    doc_ids = {seq: packed_doc_ids(max(1, args.tokens // seq), seq, args.docs) for seq in args.seqs}
     rows = []
     for seq in args.seqs:
         batch = max(1, args.tokens // seq)
         for backend in backends:
             for arm in ARMS:
-                cfg, n_q = arm_config(base, arm)
+                cfg, n_q = arm_config(base, arm, docs)
                 try:
-                    core = bench_ms(core_case(n_q, cfg, backend, batch, seq))
-                    eager = bench_ms(module_case(cfg, backend, batch, seq, False))
-                    comp = bench_ms(module_case(cfg, backend, batch, seq, True)) if args.compile else float("nan")
+                    resolve_backend(backend, torch.device("cuda"), docs, torch.bfloat16)  # e.g. cudnn cannot mask docs
+                    core = bench_ms(core_case(n_q, cfg, backend, batch, seq, doc_ids[seq]))
+                    eager = bench_ms(module_case(cfg, backend, batch, seq, False, doc_ids[seq]))
+                    comp = (bench_ms(module_case(cfg, backend, batch, seq, True, doc_ids[seq])) if args.compile
+                            else float("nan"))
                 except Exception as e:  # a backend may not support a shape; record why
                     rows.append(dict(seq=seq, backend=backend, arm=arm, error=f"{type(e).__name__}: {e}"[:200]))
                     continue
@@ -132,13 +163,14 @@ def main() -> None:
     for _ in range(args.repeats - 1):
         for r in rows:
             if "error" not in r:
-                cfg, n_q = arm_config(base, r["arm"])
-                r["core_runs"].append(bench_ms(core_case(n_q, cfg, r["backend"], r["batch"], r["seq"])))
+                cfg, n_q = arm_config(base, r["arm"], docs)
+                r["core_runs"].append(bench_ms(core_case(n_q, cfg, r["backend"], r["batch"], r["seq"],
+                                                         doc_ids[r["seq"]])))
                 torch.cuda.empty_cache()
     for r in rows:
         if "error" not in r:
             _, n_q = arm_config(base, r["arm"])
-            flops = 3.5 * 2 * r["batch"] * r["seq"] ** 2 * n_q * base.head_dim
+            flops = 3.5 * 2 * causal_pairs(r["batch"], r["seq"], doc_ids[r["seq"]]) * n_q * base.head_dim
             r["core_ms"] = statistics.median(r["core_runs"])
             r["core_tflops"] = flops / r["core_ms"] / 1e9
             r["core_tflops_min"], r["core_tflops_max"] = (flops / max(r["core_runs"]) / 1e9,
@@ -148,7 +180,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record = {"command": " ".join(sys.argv), "env": versions(), "rows": rows,
-              "layer": dict(d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)}
+              "layer": dict(d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim),
+              "docs_per_row": args.docs}
     path = out / f"attention-{torch.cuda.get_device_name().replace(' ', '_')}-{stamp}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"results: {path}")

@@ -71,8 +71,8 @@ def resolve_backend(backend: str, device: torch.device, doc_mask: bool, dtype: O
             choice = "math"
         elif fp32:
             choice = "flex"
-        elif doc_mask:
-            choice = "flash_attn" if flash_attn_available() else "flex"
+        elif doc_mask:  # varlen kernels: every document is its own causal sequence
+            choice = "fa4" if fa4_available() else "flash_attn" if flash_attn_available() else "flex"
         elif torch.cuda.get_device_capability(device)[0] >= 9:
             # cuDNN: ~1.8x the FA2 backend SDPA picks by default on Hopper. FA4, where installed, is faster still
             # at head_dim 64 (bench/results/throughput-1b-H100.md).
@@ -91,9 +91,9 @@ def resolve_backend(backend: str, device: torch.device, doc_mask: bool, dtype: O
     if backend == "flash_attn" and not flash_attn_available():
         raise ValueError("attention.backend=flash_attn but flash_attn is not installed; "
                          "pip install flash-attn or use auto")
-    if doc_mask and backend in ("cudnn", "sdpa_flash", "fa4"):
+    if doc_mask and backend in ("cudnn", "sdpa_flash"):
         raise ValueError(f"attention.backend={backend} cannot mask documents; "
-                         "use flex, flash_attn or auto with doc_mask")
+                         "use fa4, flex, flash_attn or auto with doc_mask")
     return backend
 
 
@@ -113,8 +113,11 @@ def causal_attention(
     """softmax(q k^T / sqrt(D) + causal [+ same-document]) v, returned as (B, N, Q, D)."""
     if backend == "flash_attn":
         return _flash_attn(q_BNQD, k_BNKD, v_BNKD, doc_ids_BN)
-    if backend == "fa4" and doc_ids_BN is None:  # takes (B, N, heads, D) as it is: no transposes
-        return torch.ops.diffv2.fa4_attention(q_BNQD.contiguous(), k_BNKD.contiguous(), v_BNKD.contiguous())[0]
+    if backend == "fa4":  # takes (B, N, heads, D) as it is: no transposes
+        q_BNQD, k_BNKD, v_BNKD = q_BNQD.contiguous(), k_BNKD.contiguous(), v_BNKD.contiguous()
+        if doc_ids_BN is None:
+            return torch.ops.diffv2.fa4_attention(q_BNQD, k_BNKD, v_BNKD)[0]
+        return torch.ops.diffv2.fa4_varlen_attention(q_BNQD, k_BNKD, v_BNKD, doc_ids_BN)[0]
     q, k, v = (t.transpose(1, 2) for t in (q_BNQD, k_BNKD, v_BNKD))  # SDPA/flex take (B, H, N, D)
     if backend == "flex":
         out_BQND = _flex(q, k, v, doc_ids_BN)
@@ -174,6 +177,66 @@ def _fa4_backward(ctx, dout_BNQD, _dlse):
 fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
+def _doc_cu_seqlens(doc_ids_BN: torch.Tensor) -> torch.Tensor:
+    """Packed documents as varlen sequences: the cumulative lengths (int32, starting at 0) of every document of
+    every row over the B*N flattened tokens. Costs one host sync (the number of documents)."""
+    b, n = doc_ids_BN.shape
+    global_ids = (doc_ids_BN + torch.arange(b, device=doc_ids_BN.device)[:, None] * n).flatten()
+    lengths = torch.unique_consecutive(global_ids, return_counts=True)[1]
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+# Packed documents on FA4: its varlen kernels over the flattened tokens. The document boundaries are recomputed from
+# doc_ids in the backward (a tensor of data-dependent size cannot be an output of an op that torch.compile traces).
+# max_seqlen is the row length, a static upper bound: no sync for the longest document; FA4's varlen scheduler
+# sizes its work by the real lengths.
+@torch.library.custom_op("diffv2::fa4_varlen_attention", mutates_args=(), device_types="cuda")
+def fa4_varlen_attention(q_BNQD: torch.Tensor, k_BNKD: torch.Tensor, v_BNKD: torch.Tensor, doc_ids_BN: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each document; returns the output (B, N, Q, D) and the fp32 log-sum-exp (Q, B*N)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    cu_seqlens = _doc_cu_seqlens(doc_ids_BN)
+    n = q_BNQD.shape[1]
+    out_TQD, lse_QT = _flash_attn_fwd(q_BNQD.flatten(0, 1), k_BNKD.flatten(0, 1), v_BNKD.flatten(0, 1),
+                                      cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=n,
+                                      max_seqlen_k=n, causal=True, return_lse=True)[:2]
+    return out_TQD.view(q_BNQD.shape), lse_QT
+
+
+@fa4_varlen_attention.register_fake
+def _fa4_varlen_attention_fake(q_BNQD, k_BNKD, v_BNKD, doc_ids_BN):
+    b, n, n_q, _ = q_BNQD.shape
+    return torch.empty_like(q_BNQD), q_BNQD.new_empty((n_q, b * n), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffv2::fa4_varlen_attention_backward", mutates_args=(), device_types="cuda")
+def fa4_varlen_attention_backward(dout_BNQD: torch.Tensor, q_BNQD: torch.Tensor, k_BNKD: torch.Tensor,
+                                  v_BNKD: torch.Tensor, out_BNQD: torch.Tensor, lse_QT: torch.Tensor,
+                                  doc_ids_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    cu_seqlens = _doc_cu_seqlens(doc_ids_BN)
+    n = q_BNQD.shape[1]
+    flat = [t.flatten(0, 1) for t in (q_BNQD, k_BNKD, v_BNKD, out_BNQD, dout_BNQD)]
+    dq, dk, dv = _flash_attn_bwd(*flat, lse_QT, causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                 max_seqlen_q=n, max_seqlen_k=n)[:3]
+    return dq.view(q_BNQD.shape), dk.view(k_BNKD.shape), dv.view(v_BNKD.shape)
+
+
+@fa4_varlen_attention_backward.register_fake
+def _fa4_varlen_attention_backward_fake(dout_BNQD, q_BNQD, k_BNKD, v_BNKD, out_BNQD, lse_QT, doc_ids_BN):
+    return torch.empty_like(q_BNQD), torch.empty_like(k_BNKD), torch.empty_like(v_BNKD)
+
+
+def _fa4_varlen_backward(ctx, dout_BNQD, _dlse):
+    q, k, v, doc_ids, out, lse = ctx.saved_tensors
+    return (*fa4_varlen_attention_backward(dout_BNQD.contiguous(), q, k, v, out, lse, doc_ids), None)
+
+
+fa4_varlen_attention.register_autograd(_fa4_varlen_backward, setup_context=_fa4_setup_context)
+
+
 def _doc_causal_mask(doc_ids_BN: torch.Tensor) -> torch.Tensor:
     n = doc_ids_BN.shape[1]
     causal_NN = torch.ones(n, n, dtype=torch.bool, device=doc_ids_BN.device).tril()
@@ -187,11 +250,8 @@ def _flash_attn(q, k, v, doc_ids_BN):
     if doc_ids_BN is None:
         return flash_attn.flash_attn_func(q, k, v, causal=True)
     # Packed documents -> varlen: each document is its own causal sequence.
-    b, n = doc_ids_BN.shape
-    global_ids = (doc_ids_BN + torch.arange(b, device=q.device)[:, None] * n).flatten()
-    lengths = torch.unique_consecutive(global_ids, return_counts=True)[1]
-    cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    max_len = int(lengths.max())
+    cu = _doc_cu_seqlens(doc_ids_BN)
+    max_len = int((cu[1:] - cu[:-1]).max())
     out = flash_attn.flash_attn_varlen_func(
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len, causal=True
     )

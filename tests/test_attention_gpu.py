@@ -277,17 +277,17 @@ DOC_CFGS = [(2, 300, 512, 8, 2, 64), (2, 2048, 1024, 8, 2, 128)]
 
 @pytest.mark.parametrize("variant", ["baseline", "diffv2"])
 @pytest.mark.parametrize("B,N,D,h,h_kv,d", DOC_CFGS, ids=[f"N{c[1]}" for c in DOC_CFGS])
-@pytest.mark.parametrize("backend", ["flex", "flash_attn", "math"])
+@pytest.mark.parametrize("backend", ["fa4", "flex", "flash_attn", "math"])
 def test_doc_mask_backend_matches_reference(backend, B, N, D, h, h_kv, d, variant):
-    """A9: the document-masking backends (flex, flash_attn varlen, math with a dense mask) match the reference with an
-    explicit same-document causal mask, forward and backward, within the calibrated T4 bounds."""
+    """A9: the document-masking backends (fa4 and flash_attn varlen, flex, math with a dense mask) match the reference
+    with an explicit same-document causal mask, forward and backward, within the calibrated T4 bounds."""
     cfg_key = (B, N, D, h, h_kv, d)
     check_calibrated(lambda var: layer_errors(cfg_key, var, backend, True), variant, f"doc {variant}/{backend}/N{N}")
 
 
-@pytest.mark.parametrize("backend", ["flex", "flash_attn"])
+@pytest.mark.parametrize("backend", ["fa4", "flex", "flash_attn"])
 def test_doc_mask_backends_agree_with_math(backend):
-    """A9: flex / flash_attn with doc ids agree with the math backend's masked output (bf16 bounds relative to math),
+    """A9: fa4 / flex / flash_attn with doc ids agree with the math backend's masked output (bf16 bounds relative to math),
     and masking changes the output (not vacuous)."""
     B, N, n_q, n_kv, d = 2, 1024, 16, 4, 64
     torch.manual_seed(0)
@@ -308,7 +308,8 @@ def test_auto_backend_resolves_and_runs():
     plain, doc = resolve_backend("auto", dev, False), resolve_backend("auto", dev, True)
     if is_hopper():
         assert plain == ("fa4" if fa4_available() else "cudnn")
-    assert doc in ("flash_attn", "flex")
+        assert doc == ("fa4" if fa4_available() else "flash_attn" if flash_attn_available() else "flex")
+    assert doc in ("fa4", "flash_attn", "flex")
     B, N, D, h, h_kv, d = 2, 128, 512, 8, 2, 64
     for backend, doc_ids in ((plain, None), (doc, doc_ids_for(B, N))):
         m = make_bf16_attention(D, h, h_kv, d, backend)
@@ -335,37 +336,42 @@ def test_inference_uses_the_fused_combine_and_matches_training_forward(monkeypat
     torch.testing.assert_close(y_infer.float(), y_train.float(), rtol=2**-6, atol=2**-10)
 
 
-def test_fa4_inside_a_compiled_layer_matches_eager():
-    """The fa4 backend's custom ops inside torch.compile (fullgraph: no graph break at the kernel) give the eager
-    layer's output and gradients."""
+@pytest.mark.parametrize("doc", [False, True], ids=["causal", "doc_mask"])
+def test_fa4_inside_a_compiled_layer_matches_eager(doc):
+    """The fa4 backend's custom ops (dense, and varlen for packed documents) inside torch.compile (fullgraph: no graph
+    break at the kernel) give the eager layer's output and gradients."""
     if not fa4_available():
         pytest.skip(fa4_unavailable())
     B, N, D, h, h_kv, d = 2, 512, 1024, 8, 2, 64
     x, g = inputs(B, N, D)
+    doc_ids = doc_ids_for(B, N) if doc else None
     results = []
     for compiled in (False, True):
-        m = make_bf16_attention(D, h, h_kv, d, "fa4")
+        m = make_bf16_attention(D, h, h_kv, d, "fa4", doc_mask=doc)
         fn = torch.compile(m, fullgraph=True) if compiled else m
         xi = x.clone().requires_grad_(True)
-        (fn(xi).float() * g.float()).sum().backward()
+        (fn(xi, doc_ids).float() * g.float()).sum().backward()
         results.append([xi.grad] + [p.grad for p in m.parameters()])
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp.float(), eager.float(), rtol=2e-2, atol=2e-2 * eager.abs().max().item())
     assert all(t.abs().max() > 0 for t in results[1])
 
 
-def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing():
-    """The training path on fa4: compiled blocks, bf16 autocast, every block recomputed in backward. Loss and
-    gradients equal those of the same model without checkpointing (recomputation calls the same kernels; only
-    the kernel's fp32 atomic accumulation order may differ)."""
+@pytest.mark.parametrize("doc", [False, True], ids=["causal", "doc_mask"])
+def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing(doc):
+    """The training path on fa4: compiled blocks, bf16 autocast, every block recomputed in backward, with and without
+    packed-document masking. Loss and gradients equal those of the same model without checkpointing (recomputation
+    calls the same kernels; only the kernel's fp32 atomic accumulation order may differ)."""
     if not fa4_available():
         pytest.skip(fa4_unavailable())
     from diffv2.model import Transformer
 
     cfg = ModelConfig(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=512, vocab_size=512,
-                      max_seq_len=512)
+                      max_seq_len=512, attention=AttentionConfig(doc_mask=doc))
     torch.manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 257), device=DEV)
+    tokens = torch.randint(1, cfg.vocab_size, (2, 257), device=DEV)
+    tokens[0, [40, 41, 200]] = tokens[1, [100]] = 0  # EOD (id 0); 40, 41: a one-token document
+    doc_ids = doc_ids_from_tokens(tokens[:, :-1], 0) if doc else None
     results = []
     for ac in ("none", "full"):
         torch.manual_seed(1)
@@ -374,7 +380,7 @@ def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing():
         for block in model.blocks:
             block.compile()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(tokens[:, :-1], tokens[:, 1:])[0]
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:], doc_ids)[0]
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results

@@ -561,6 +561,17 @@ def test_resolve_backend_on_cpu():
         assert "\n" not in str(exc.value)
 
 
+def test_doc_cu_seqlens_lists_every_document_of_every_row():
+    """The varlen kernels' (fa4, flash_attn) view of packed documents: cumulative lengths over the flattened rows,
+    one entry per document, the EOD token in the document it closes, a row's last document ending at the row."""
+    from diffv2.kernels import _doc_cu_seqlens, doc_ids_from_tokens
+
+    tokens = torch.tensor([[5, 0, 3, 4, 0, 7], [1, 2, 3, 0, 5, 6], [0, 0, 1, 2, 3, 4]])
+    cu = _doc_cu_seqlens(doc_ids_from_tokens(tokens, 0))
+    assert cu.dtype == torch.int32
+    assert cu.tolist() == [0, 2, 5, 6, 10, 12, 13, 14, 18]
+
+
 @pytest.mark.parametrize("variant", ["diffv2", "baseline", "diffv1"])
 @pytest.mark.parametrize("moe", [False, True])
 def test_meta_device_build_materialises_to_the_same_model(variant, moe):
