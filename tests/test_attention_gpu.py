@@ -361,7 +361,13 @@ def test_fa4_inside_a_compiled_layer_matches_eager(doc):
 def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing(doc):
     """The training path on fa4: compiled blocks, bf16 autocast, every block recomputed in backward, with and without
     packed-document masking. Loss and gradients equal those of the same model without checkpointing (recomputation
-    calls the same kernels; only the kernel's fp32 atomic accumulation order may differ)."""
+    calls the same kernels; only the kernel's fp32 atomic accumulation order may differ).
+
+    That order makes FA4's backward nondeterministic: a bf16 gradient element can round one ulp apart between two
+    identical runs, and bf16 matmuls carry it on. Two identical runs without checkpointing differed by up to 4.7e-3
+    (causal) and 5.2e-3 (packed documents) of a weight gradient's largest element, and by up to 1.4e-3 of its norm
+    (one H100, 4 repeats each). So the gradients are compared by relative norm, bound 1e-2: 7x that noise, and far
+    below the O(1) error of a wrong recomputation."""
     if not fa4_available():
         pytest.skip(fa4_unavailable())
     from diffv2.model import Transformer
@@ -387,5 +393,9 @@ def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing(doc):
     torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-5)
     assert grads_a.keys() == grads_b.keys()
     for name, g in grads_a.items():
-        torch.testing.assert_close(grads_b[name], g, rtol=1e-2, atol=1e-3 * g.abs().max().item(), msg=name)
+        rel = ((grads_b[name] - g).norm() / g.norm().clamp_min(1e-30)).item()
+        assert rel < 1e-2, f"{name}: gradient differs by {rel:.2e} of its norm under checkpointing"
     assert all(g.abs().max() > 0 for n, g in grads_a.items() if ".attn." in n)
+    if doc:  # the mask is live: the same tokens without it give another loss
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            assert (model.loss(tokens[:, :-1], tokens[:, 1:])[0] - loss_a).abs() > 1e-3
