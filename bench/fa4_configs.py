@@ -190,7 +190,8 @@ def main() -> None:
 
 
 # A variant whose outputs differ from the default config's by more than this (relative to the largest magnitude) is
-# not a faster way to compute the same thing; bf16 reordering noise is ~1e-2 at most.
+# not a faster way to compute the same thing. Measured on one H100, every variant differed by 5e-3 or less (bf16
+# rounding of reordered sums).
 MAX_REL_ERR = 2e-2
 
 
