@@ -179,7 +179,9 @@ fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 def _doc_cu_seqlens(doc_ids_BN: torch.Tensor) -> torch.Tensor:
     """Packed documents as varlen sequences: the cumulative lengths (int32, starting at 0) of every document of
-    every row over the B*N flattened tokens. Costs one host sync (the number of documents)."""
+    every row over the B*N flattened tokens; a document never continues into the next row. Expects what
+    `doc_ids_from_tokens` gives: ids in [0, N), each document contiguous in its row (flex and math mask by id
+    equality, the varlen kernels split where the id changes). Costs one host sync (the number of documents)."""
     b, n = doc_ids_BN.shape
     global_ids = (doc_ids_BN + torch.arange(b, device=doc_ids_BN.device)[:, None] * n).flatten()
     lengths = torch.unique_consecutive(global_ids, return_counts=True)[1]
@@ -187,7 +189,8 @@ def _doc_cu_seqlens(doc_ids_BN: torch.Tensor) -> torch.Tensor:
 
 
 # Packed documents on FA4: its varlen kernels over the flattened tokens. The document boundaries are recomputed from
-# doc_ids in the backward (a tensor of data-dependent size cannot be an output of an op that torch.compile traces).
+# doc_ids in the backward (a tensor of data-dependent size cannot be an output of an op that torch.compile traces), so
+# each layer pays one host sync in forward and one in backward (one more when activation checkpointing recomputes).
 # max_seqlen is the row length, a static upper bound: no sync for the longest document; FA4's varlen scheduler
 # sizes its work by the real lengths.
 @torch.library.custom_op("diffv2::fa4_varlen_attention", mutates_args=(), device_types="cuda")

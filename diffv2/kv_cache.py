@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffv2.config import ModelConfig
-from diffv2.kernels import causal_attention, flash_attn_available
+from diffv2.kernels import causal_attention, fa4_available, flash_attn_available
 
 
 class KVCache:
@@ -92,8 +92,8 @@ class KVCache:
         if self.pads_B is not None:
             seg_BL = (torch.arange(L, device=k_BLKD.device)[None, :] >= self.pads_B[:, None]).long()
         if n == L:  # prefill of an empty cache: the training kernel, pads as a document of their own
-            if seg_BL is not None and backend in ("cudnn", "sdpa_flash", "fa4"):  # these cannot mask documents
-                backend = "flash_attn" if flash_attn_available() else "flex"
+            if seg_BL is not None and backend in ("cudnn", "sdpa_flash"):  # these cannot mask documents
+                backend = "fa4" if fa4_available() else "flash_attn" if flash_attn_available() else "flex"
             return causal_attention(q_BNQD, k_BLKD, v_BLKD, backend, seg_BL)
         q, k, v = (t.transpose(1, 2) for t in (q_BNQD, k_BLKD, v_BLKD))
         if n == 1 and seg_BL is None:  # one new token sees every slot: no mask at all

@@ -287,8 +287,8 @@ def test_doc_mask_backend_matches_reference(backend, B, N, D, h, h_kv, d, varian
 
 @pytest.mark.parametrize("backend", ["fa4", "flex", "flash_attn"])
 def test_doc_mask_backends_agree_with_math(backend):
-    """A9: fa4 / flex / flash_attn with doc ids agree with the math backend's masked output (bf16 bounds relative to math),
-    and masking changes the output (not vacuous)."""
+    """A9: fa4 / flex / flash_attn with doc ids agree with the math backend's masked output (bf16 bounds relative to
+    math), and masking changes the output (not vacuous)."""
     B, N, n_q, n_kv, d = 2, 1024, 16, 4, 64
     torch.manual_seed(0)
     q = torch.randn(B, N, n_q, d, device=DEV, dtype=torch.bfloat16)
@@ -366,8 +366,9 @@ def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing(doc):
     That order makes FA4's backward nondeterministic: a bf16 gradient element can round one ulp apart between two
     identical runs, and bf16 matmuls carry it on. Two identical runs without checkpointing differed by up to 4.7e-3
     (causal) and 5.2e-3 (packed documents) of a weight gradient's largest element, and by up to 1.4e-3 of its norm
-    (one H100, 4 repeats each). So the gradients are compared by relative norm, bound 1e-2: 7x that noise, and far
-    below the O(1) error of a wrong recomputation."""
+    (one H100, 4 repeats each). So the gradients are compared by relative norm, bound 1e-2 (7x that noise, far below
+    the O(1) error of a wrong recomputation), and element by element against 2e-2 of the largest element (4x the
+    noise), which an error confined to one document or row still exceeds."""
     if not fa4_available():
         pytest.skip(fa4_unavailable())
     from diffv2.model import Transformer
@@ -395,6 +396,7 @@ def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing(doc):
     for name, g in grads_a.items():
         rel = ((grads_b[name] - g).norm() / g.norm().clamp_min(1e-30)).item()
         assert rel < 1e-2, f"{name}: gradient differs by {rel:.2e} of its norm under checkpointing"
+        torch.testing.assert_close(grads_b[name], g, rtol=0, atol=2e-2 * g.abs().max().item(), msg=name)
     assert all(g.abs().max() > 0 for n, g in grads_a.items() if ".attn." in n)
     if doc:  # the mask is live: the same tokens without it give another loss
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

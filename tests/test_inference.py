@@ -230,10 +230,10 @@ def test_gpu_bf16_decode_matches_full_forward_and_replays_as_a_cuda_graph(varian
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant", ["diffv2", "baseline"])
 def test_gpu_left_padded_prefill_on_a_fused_backend_matches_unpadded(variant):
-    """With backend sdpa_flash (no document masks) a padded prefill moves to flash_attn or flex; rows then decode
-    as they would alone (bf16 bound of T4). Both sides are bf16 and, since RoPE positions are per row (issue #9),
-    compute the same rounded q/k: what remains is the kernels' own difference (flex or flash_attn prefill and
-    masked math steps vs sdpa_flash). bench/padded_prefill_check.py prints each side's error vs fp32.
+    """With backend sdpa_flash (no document masks) a padded prefill moves to fa4, flash_attn or flex (the first
+    installed); rows then decode as they would alone (bf16 bound of T4). Both sides are bf16 and, since RoPE positions
+    are per row (issue #9), compute the same rounded q/k: what remains is the kernels' own difference (varlen or flex
+    prefill and masked math steps vs sdpa_flash). bench/padded_prefill_check.py prints each side's error vs fp32.
 
     Compiled state from earlier tests is dropped first: after the GPU attention tests' many flex shapes, the compiled
     flex hit torch.compile's recompile limit and ran eagerly here (4x the error, in a full `pytest -m gpu`)."""

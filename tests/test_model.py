@@ -570,6 +570,9 @@ def test_doc_cu_seqlens_lists_every_document_of_every_row():
     cu = _doc_cu_seqlens(doc_ids_from_tokens(tokens, 0))
     assert cu.dtype == torch.int32
     assert cu.tolist() == [0, 2, 5, 6, 10, 12, 13, 14, 18]
+    # Rows without an EOD, or ending on one, still end their document: both rows' ids are 0 here.
+    assert _doc_cu_seqlens(doc_ids_from_tokens(torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), 0)).tolist() == [0, 4, 8]
+    assert _doc_cu_seqlens(doc_ids_from_tokens(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), 0)).tolist() == [0, 4, 8]
 
 
 @pytest.mark.parametrize("variant", ["diffv2", "baseline", "diffv1"])
