@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffv2.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.kernels import causal_attention, fa4_available, flash_attn_available, resolve_backend  # noqa: E402
+from diffv2.kernels import (  # noqa: E402
+    causal_attention, doc_cu_seqlens, doc_ids_from_tokens, fa4_available, flash_attn_available, resolve_backend,
+)
 from diffv2.record import versions  # noqa: E402
 
 ARMS = {
@@ -60,24 +62,23 @@ def bench_ms(fn, warmup: int = 5, reps: int = 20) -> float:
 
 
 def packed_doc_ids(batch: int, seq: int, docs: int) -> Optional[torch.Tensor]:
-    """Document ids of rows packed with `docs` documents each, at random (seeded) boundaries; None when docs is 0."""
+    """Document ids of rows packed with `docs` documents each: an EOD at random (seeded) positions; None when docs
+    is 0."""
     if docs <= 0:
         return None
     gen = torch.Generator().manual_seed(0)
-    starts = [torch.randperm(seq - 1, generator=gen)[: docs - 1] + 1 for _ in range(batch)]
-    is_start = torch.zeros(batch, seq, dtype=torch.long)
-    for row, cut in enumerate(starts):
-        is_start[row, cut] = 1
-    return torch.cumsum(is_start, dim=1).to("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        tokens[row, torch.randperm(seq - 1, generator=gen)[: docs - 1]] = 0  # never the last token: docs documents
+    return doc_ids_from_tokens(tokens, 0).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def causal_pairs(batch: int, seq: int, doc_ids: Optional[torch.Tensor]) -> int:
     """Sum over sequences of length^2 (the flash-attention convention's S^2, per document when packed)."""
     if doc_ids is None:
         return batch * seq * seq
-    lengths = torch.unique_consecutive(doc_ids + torch.arange(batch, device=doc_ids.device)[:, None] * seq,
-                                       return_counts=True)[1]
-    return int((lengths.long() ** 2).sum())
+    cu = doc_cu_seqlens(doc_ids).long()
+    return int(((cu[1:] - cu[:-1]) ** 2).sum())
 
 
 def module_case(cfg: ModelConfig, backend: str, batch: int, seq: int, compile_: bool,

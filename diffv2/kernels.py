@@ -177,7 +177,7 @@ def _fa4_backward(ctx, dout_BNQD, _dlse):
 fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
-def _doc_cu_seqlens(doc_ids_BN: torch.Tensor) -> torch.Tensor:
+def doc_cu_seqlens(doc_ids_BN: torch.Tensor) -> torch.Tensor:
     """Packed documents as varlen sequences: the cumulative lengths (int32, starting at 0) of every document of
     every row over the B*N flattened tokens; a document never continues into the next row. Expects what
     `doc_ids_from_tokens` gives: ids in [0, N), each document contiguous in its row (flex and math mask by id
@@ -199,7 +199,7 @@ def fa4_varlen_attention(q_BNQD: torch.Tensor, k_BNKD: torch.Tensor, v_BNKD: tor
     """Causal attention within each document; returns the output (B, N, Q, D) and the fp32 log-sum-exp (Q, B*N)."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    cu_seqlens = _doc_cu_seqlens(doc_ids_BN)
+    cu_seqlens = doc_cu_seqlens(doc_ids_BN)
     n = q_BNQD.shape[1]
     out_TQD, lse_QT = _flash_attn_fwd(q_BNQD.flatten(0, 1), k_BNKD.flatten(0, 1), v_BNKD.flatten(0, 1),
                                       cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=n,
@@ -219,7 +219,7 @@ def fa4_varlen_attention_backward(dout_BNQD: torch.Tensor, q_BNQD: torch.Tensor,
                                   doc_ids_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    cu_seqlens = _doc_cu_seqlens(doc_ids_BN)
+    cu_seqlens = doc_cu_seqlens(doc_ids_BN)
     n = q_BNQD.shape[1]
     flat = [t.flatten(0, 1) for t in (q_BNQD, k_BNKD, v_BNKD, out_BNQD, dout_BNQD)]
     dq, dk, dv = _flash_attn_bwd(*flat, lse_QT, causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
@@ -253,7 +253,7 @@ def _flash_attn(q, k, v, doc_ids_BN):
     if doc_ids_BN is None:
         return flash_attn.flash_attn_func(q, k, v, causal=True)
     # Packed documents -> varlen: each document is its own causal sequence.
-    cu = _doc_cu_seqlens(doc_ids_BN)
+    cu = doc_cu_seqlens(doc_ids_BN)
     max_len = int((cu[1:] - cu[:-1]).max())
     out = flash_attn.flash_attn_varlen_func(
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len, causal=True

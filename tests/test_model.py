@@ -561,18 +561,18 @@ def test_resolve_backend_on_cpu():
         assert "\n" not in str(exc.value)
 
 
-def test_doc_cu_seqlens_lists_every_document_of_every_row():
+def testdoc_cu_seqlens_lists_every_document_of_every_row():
     """The varlen kernels' (fa4, flash_attn) view of packed documents: cumulative lengths over the flattened rows,
     one entry per document, the EOD token in the document it closes, a row's last document ending at the row."""
-    from diffv2.kernels import _doc_cu_seqlens, doc_ids_from_tokens
+    from diffv2.kernels import doc_cu_seqlens, doc_ids_from_tokens
 
     tokens = torch.tensor([[5, 0, 3, 4, 0, 7], [1, 2, 3, 0, 5, 6], [0, 0, 1, 2, 3, 4]])
-    cu = _doc_cu_seqlens(doc_ids_from_tokens(tokens, 0))
+    cu = doc_cu_seqlens(doc_ids_from_tokens(tokens, 0))
     assert cu.dtype == torch.int32
     assert cu.tolist() == [0, 2, 5, 6, 10, 12, 13, 14, 18]
     # Rows without an EOD, or ending on one, still end their document: both rows' ids are 0 here.
-    assert _doc_cu_seqlens(doc_ids_from_tokens(torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), 0)).tolist() == [0, 4, 8]
-    assert _doc_cu_seqlens(doc_ids_from_tokens(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), 0)).tolist() == [0, 4, 8]
+    assert doc_cu_seqlens(doc_ids_from_tokens(torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), 0)).tolist() == [0, 4, 8]
+    assert doc_cu_seqlens(doc_ids_from_tokens(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), 0)).tolist() == [0, 4, 8]
 
 
 @pytest.mark.parametrize("variant", ["diffv2", "baseline", "diffv1"])
