@@ -4,28 +4,37 @@
     python train.py attention=baseline               # the same with standard attention
     python train.py -m attention=diffv2,baseline seed=0,1,2
 
-Exit codes: 0 done; 2 refused at start-up (one `error:` line; an existing run directory is left as it was);
-3 stopped mid-run (non-finite steps, a full disk; the line says which checkpoint holds the last good state);
-4 another rank died or stalled (a collective timed out after parallel.timeout_s; trainer.resume=auto restarts
-from the last checkpoint); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (preemption; rerunning, or
-SLURM's requeue, resumes). Under torchrun or srun each rank prints its own line, prefixed with its rank.
+Exit codes: 0 done (or already finished); 2 refused at start-up (one `error:` line; an existing run directory is
+left as it was, a new one is not left behind); 3 stopped mid-run (non-finite steps, a full disk; the line says
+which checkpoint holds the last good state); 4 another rank died or stalled (a collective timed out after
+parallel.timeout_s; trainer.resume=auto restarts from the last checkpoint); 75 stopped by SIGUSR1/SIGTERM
+(preemption; rerunning, or SLURM's requeue, resumes); 130 stopped by Ctrl-C (SIGINT), or aborted by a second
+one. After 75 and 130 the newest checkpoint holds the step the run stopped at (a signal during start-up stops
+before the first step, with nothing written). Under torchrun or srun each rank prints its own line, prefixed
+with its rank; every rank exits with the same code.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from pathlib import Path
-from typing import Optional
 
-import warnings
+from diffv2.signals import EXIT_INTERRUPTED, SignalLatch
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+# First, before the imports below (seconds of start-up): a SIGUSR1/SIGTERM/Ctrl-C from now on is recorded, and
+# the run stops cleanly at its first step boundary instead of dying half-started.
+SIGNALS = SignalLatch().install() if __name__ == "__main__" else None
 
-from diffv2.config import Config, register_configs, validate
+import logging  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from diffv2.config import Config, register_configs, validate  # noqa: E402
 
 # megatron-core announces at import that optional NVIDIA extensions are absent; nothing here uses them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -40,19 +49,25 @@ HYDRA_BOILERPLATE = ("full_key:", "reference_type=", "object_type=", "See https:
 def main(dcfg: DictConfig) -> dict:
     from diffv2.trainer import RunStopped, Trainer
 
-    from diffv2 import preempt
     from diffv2.parallel import dist as pdist
+    from monitoring.sink import wandb_problem
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    fresh = not any(run_dir.iterdir())  # Hydra has just created it (or it was empty): a refused start removes it
     try:
         cfg: Config = OmegaConf.to_object(dcfg)
         env = pdist.detect()
         validate(cfg, world_size=env.world_size)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        summary = Trainer(cfg, run_dir, record_yaml=OmegaConf.to_yaml(dcfg, resolve=True), env=env).run()
+        if problem := wandb_problem(cfg.logging.wandb):
+            raise ValueError(problem)
+        summary = Trainer(cfg, run_dir, record_yaml=OmegaConf.to_yaml(dcfg, resolve=True), env=env,
+                          signals=SIGNALS).run()
+    except KeyboardInterrupt:  # the second Ctrl-C: out now, with nothing more written
+        _fail(f"error: aborted by a second Ctrl-C; {_newest_checkpoint(run_dir)}", EXIT_INTERRUPTED, hard=True)
     except ValueError as e:  # user errors: one line, no traceback
-        _fail(f"error: {e}", 2)
+        _fail(f"error: {e}", 2, run_dir if fresh else None)
     except OSError as e:
-        _fail(f"error: {e} (check the path, its permissions and the free space)", 2)
+        _fail(f"error: {e} (check the path, its permissions and the free space)", 2, run_dir if fresh else None)
     except RunStopped as e:
         _fail(f"error: {e}", 3)
     except RuntimeError as e:
@@ -60,8 +75,16 @@ def main(dcfg: DictConfig) -> dict:
             raise
         _fail(f"error: {pdist.explain_timeout(e)}", 4)
     pdist.shutdown()
-    if (code := preempt.exit_code()) is not None:  # stopped with a checkpoint by SIGUSR1/SIGTERM: run again to resume
+    if summary.get("started") is False and fresh:
+        _remove_fresh(run_dir)  # stopped by a signal before the first step: leave nothing behind
+    if (code := summary.get("exit_code")) is not None:  # stopped by a signal: run again to resume
         sys.exit(code)
+    if "already_finished" in summary:
+        log.info("already finished at step %d: train loss %.4f, validation loss %.4f | run dir %s | checkpoint %s | "
+                 "metrics %s (raise trainer.max_steps in a new run_name to train longer)", summary["already_finished"],
+                 summary.get("train/loss", float("nan")), summary.get("train/val_loss", float("nan")),
+                 summary["run_dir"], summary.get("checkpoint"), summary["metrics"])
+        return summary
     log.info(
         "done: train loss %.4f, validation loss %.4f | run dir %s | checkpoint %s | metrics %s",
         summary.get("train/loss", float("nan")), summary.get("train/val_loss", float("nan")),
@@ -70,15 +93,40 @@ def main(dcfg: DictConfig) -> dict:
     return summary
 
 
-def _fail(message: str, code: int) -> None:
-    """One line on stderr and exit. With a process group up, the group is left to die with the process: a
-    clean shutdown would wait on the ranks that are still running."""
+def _newest_checkpoint(run_dir: Path) -> str:
+    from diffv2 import checkpoint
+
+    found = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    return (f"the newest checkpoint {found[-1]} is intact (checkpoints are renamed into place only when complete); "
+            f"rerun to resume" if found else "no checkpoint had been saved yet")
+
+
+def _remove_fresh(run_dir: Path) -> None:
+    """Remove a run directory this start created, if it holds nothing but a run lock that nobody holds (never
+    anyone's files). Rank 0 only: the ranks share the directory."""
+    from diffv2.run_lock import remove_unheld
+
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        return
+    try:
+        remove_unheld(run_dir)
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _fail(message: str, code: int, remove: Optional[Path] = None, hard: bool = False) -> None:
+    """One line on stderr and exit; `remove`: a run directory this start created, removed if it holds nothing but
+    the lock. With a process group up, or `hard`, the process exits at once (os._exit): a clean shutdown would
+    wait on the ranks that are still running, or on W&B's exit hook after a second Ctrl-C."""
     from diffv2.parallel import dist as pdist
 
-    if pdist.world_size() == 1:
+    if remove is not None:
+        _remove_fresh(remove)
+    if pdist.world_size() == 1 and not hard:
         print(message, file=sys.stderr)
         sys.exit(code)
-    print(f"[rank {pdist.rank()}] {message}", file=sys.stderr, flush=True)
+    print(f"[rank {pdist.rank()}] {message}" if pdist.world_size() > 1 else message, file=sys.stderr, flush=True)
     logging.shutdown()
     sys.stdout.flush()
     os._exit(code)

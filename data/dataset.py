@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -183,14 +183,16 @@ def build_datasets(
 
 
 def make_loader(
-    ds: Dataset, micro_batch_size: int, start_sample: int = 0, num_workers: int = 0, seed: int = 0
+    ds: Dataset, micro_batch_size: int, start_sample: int = 0, num_workers: int = 0, seed: int = 0,
+    worker_init_fn: Optional[Callable[[int], None]] = None,
 ) -> DataLoader:
     """Batches of int64 tokens [micro_batch_size, seq_len + 1] in a fixed order, starting at `start_sample`.
 
     `start_sample` is the number of samples already consumed, summed over data-parallel ranks (for a
     TokenDataset of W ranks it must be a multiple of W); the loader then yields exactly the tail of a full pass.
     A last partial batch is dropped so every step sees the same shape. `seed` seeds the loader's generator,
-    which fixes worker seeds should a transform ever draw random numbers.
+    which fixes worker seeds should a transform ever draw random numbers. `worker_init_fn` runs first in each
+    worker (the trainer's makes workers ignore stop signals meant for the training process).
     """
     ranks = ds.data_parallel_size if isinstance(ds, TokenDataset) else 1
     if start_sample < 0 or start_sample % ranks:
@@ -212,4 +214,5 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
     )

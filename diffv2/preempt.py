@@ -1,20 +1,32 @@
-"""Stop at a step boundary with a checkpoint when the job is about to lose its GPUs, then requeue it.
+"""Stop at a step boundary with a checkpoint on SIGUSR1, SIGTERM or Ctrl-C, then (SIGUSR1 under SLURM) requeue.
 
 SLURM sends SIGUSR1 `--signal-lead` seconds before the time limit (launch/slurm.py asks for it); SIGTERM comes
-from `scancel`, SLURM's own preemption, torchrun shutting down, or `docker stop`. The handlers only record the
-signal number: everything else happens at the next step boundary, where the trainer asks `should_stop()`, saves
-a checkpoint and stops. With several processes, every rank must stop at the same step (a checkpoint save is
-collective), yet a signal can reach one rank a step earlier than another, or only some ranks: the ranks
-therefore agree with an all-reduce(MAX) of the signal number over a CPU (gloo) group. Gloo on the CPU never
-synchronises the GPU; one int per check is a small network round trip (raise `interval` if it ever shows).
+from `scancel`, SLURM's own preemption or requeue, torchrun shutting down, `timeout` or `docker stop`; SIGINT is
+Ctrl-C in a terminal. SLURM and a terminal signal every process of the job step or process group, not just
+train.py: DataLoader workers ignore these signals (data/dataset.py), so only the training processes act on them,
+and the W&B service (in a session of its own, but signalled by SLURM) may die, which the metric sink survives.
 
-After the stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID` for SIGUSR1 only: the job restarts and
-`trainer.resume=auto` continues from the checkpoint just saved. SIGTERM is not requeued by the run, because it
-means `scancel` (which must stay a cancel) or SLURM's own preemption (which requeues a requeueable job itself).
+`SignalLatch` only records the signal (async-signal-safe: integer stores). train.py installs it before its
+heavy imports, so a signal at any moment of start-up is kept. Everything else happens at a step boundary, where
+the trainer asks `PreemptionCallback.should_stop()`, saves a checkpoint and stops; a signal during start-up stops
+the run just before its first step, before anything is written. With several processes every rank must stop at
+the same step (a checkpoint save is collective), yet a signal can reach one rank a step earlier than another, or
+only some ranks: the ranks agree with an all-reduce(MAX) of the signal number over a CPU (gloo) group. Gloo on
+the CPU never synchronises the GPU; one int per check is a small network round trip (raise `interval` if it
+ever shows).
 
-Exit code after such a stop: `EXIT_PREEMPTED` = 75 (sysexits' EX_TEMPFAIL, "try again"), requeued or not: the
-training is not finished, so a `train.py && evaluate` chain must not go on, and rerunning the same command
-resumes. A requeued SLURM job is restarted by SLURM whatever the exit code.
+A second Ctrl-C aborts at once (KeyboardInterrupt from the handler; train.py exits 130 without waiting for
+anything): checkpoints are written atomically, so the newest complete one stays valid.
+
+After the stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID` for SIGUSR1 only, after the W&B run is finished (a
+requeue makes SLURM SIGTERM the whole job step): the job restarts and `trainer.resume=auto` continues from the
+checkpoint just saved. SIGTERM is not requeued by the run, because it means `scancel` (which must stay a cancel)
+or SLURM's own preemption (which requeues a requeueable job itself).
+
+Exit codes: `EXIT_PREEMPTED` = 75 (sysexits' EX_TEMPFAIL, "try again") after SIGUSR1/SIGTERM, requeued or not:
+the training is not finished, so a `train.py && evaluate` chain must not go on, and rerunning the same command
+resumes. `EXIT_INTERRUPTED` = 130 (the shell's 128 + SIGINT) after Ctrl-C, with the same checkpoint. A requeued
+SLURM job is restarted by SLURM whatever the exit code.
 """
 
 from __future__ import annotations
@@ -29,63 +41,52 @@ from typing import Optional
 
 import torch
 
+from diffv2.signals import (  # noqa: F401 - the exit codes and latch are part of this module's interface
+    EXIT_INTERRUPTED, EXIT_PREEMPTED, REQUEUE_SIGNAL, SIGNALS, SignalLatch, exit_code_for, ignore_stop_signals,
+    signals_blocked)
 from monitoring.callback import Callback, StepResult, TrainContext
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped with a checkpoint; run again (or let SLURM's requeue) to resume
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-REQUEUE_SIGNAL = signal.SIGUSR1  # the time-limit warning from `--signal=USR1@lead`
-_latest: Optional["PreemptionCallback"] = None
-
-
-def exit_code() -> Optional[int]:
-    """EXIT_PREEMPTED if this process's preemption callback stopped the run, else None (train.py's exit status)."""
-    return _latest.exit_code if _latest is not None else None
-
 
 class PreemptionCallback(Callback):
-    """Save-and-stop on SIGUSR1/SIGTERM, agreed by every rank; requeue the SLURM job on SIGUSR1.
+    """Save-and-stop on SIGUSR1/SIGTERM/SIGINT, agreed by every rank; requeue the SLURM job on SIGUSR1.
 
     `interval`: with several processes, the ranks compare flags every `interval`-th step (a step later than the
     signal at worst); a single process reads its flag every step, at no cost. `requeue`: run `scontrol requeue`
-    after a SIGUSR1 stop under SLURM. Handlers are installed at construction, so a signal during start-up (data
-    preparation, model build) stops the run after its first step.
+    after a SIGUSR1 stop under SLURM. `latch`: the process's SignalLatch, installed early by train.py; without
+    one the callback installs its own at construction (and removes it at the end of an unsignalled run).
     """
 
     name = "preemption"
 
-    def __init__(self, interval: int = 1, requeue: bool = True):
-        global _latest
+    def __init__(self, interval: int = 1, requeue: bool = True, latch: Optional[SignalLatch] = None):
         if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
             raise ValueError(f"preemption interval={interval!r} must be a positive integer (1 = check every step)")
         self.interval, self.requeue = interval, requeue
-        self.received = 0  # largest signal number seen by this process (written by the handlers only)
+        self._owns_latch = latch is None
+        self.latch = latch if latch is not None else SignalLatch().install()
         self.stopped_by = 0  # signal number all ranks agreed on; set once should_stop() fires
+        self.before_first_step = False  # the agreed stop came during start-up: nothing was saved (or needed saving)
         self.requeued = False
         self._calls = 0
         self._group = None  # the CPU group for the all-reduce (None = the default group, when it is gloo)
         self._group_ready = False
         self._run_dir: Optional[Path] = None
         self._step, self._last_step = 0, None  # a signal during the last step needs no stop and no requeue
-        self._previous = {}
-        for sig in SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: Python lets only the main thread install handlers
-                log.warning("preemption: %s is not handled (signal handlers need the main thread)", sig.name)
-        _latest = self
 
-    def _handle(self, signum, frame) -> None:
-        """Async-signal-safe: one integer store, no I/O, no locks (logging here could deadlock on its lock)."""
-        self.received = max(self.received, signum)
+    @property
+    def received(self) -> int:
+        """Largest signal number this process has seen."""
+        return self.latch.received
 
     @property
     def exit_code(self) -> Optional[int]:
-        return EXIT_PREEMPTED if self.stopped_by else None
+        return exit_code_for(self.stopped_by) if self.stopped_by else None
 
     def on_train_start(self, ctx: TrainContext) -> None:
         self._run_dir = ctx.run_dir
+        self._step = ctx.start_step
         self._last_step = getattr(getattr(ctx.cfg, "trainer", None), "max_steps", None)
         if _distributed():
             self._cpu_group()  # a collective: created here, where every rank is, rather than mid-run
@@ -93,6 +94,13 @@ class PreemptionCallback(Callback):
     def on_step_end(self, result: StepResult) -> dict:
         self._step = result.step
         return {}
+
+    def stop_before_start(self) -> Optional[str]:
+        """Called once by every rank after start-up, before anything is written: did a signal come meanwhile?"""
+        self.before_first_step = True  # _reason() and the log line say so if the ranks agree on a stop now
+        reason = self.should_stop()
+        self.before_first_step = reason is not None
+        return reason
 
     def should_stop(self) -> Optional[str]:
         if self.stopped_by:
@@ -113,8 +121,9 @@ class PreemptionCallback(Callback):
         if not signum:
             return None
         self.stopped_by = signum
-        log.warning("preemption: %s received%s; saving a checkpoint and stopping", signal.Signals(signum).name,
-                    "" if self.received else " by another rank")
+        log.warning("preemption: %s received%s; %s", signal.Signals(signum).name,
+                    "" if self.received else " by another rank",
+                    "stopping before the first step" if self.before_first_step else "saving a checkpoint and stopping")
         return self._reason()
 
     def _will_requeue(self) -> bool:
@@ -127,17 +136,20 @@ class PreemptionCallback(Callback):
             then = f"requeueing SLURM job {os.environ['SLURM_JOB_ID']}"
         elif self.stopped_by == signal.SIGTERM and os.environ.get("SLURM_JOB_ID"):
             then = "not requeued by the run (SIGTERM is scancel or SLURM's own preemption); resubmit to resume"
-        elif os.environ.get("SLURM_JOB_ID"):
-            then = "requeue is off; resubmit the job to resume"
-        else:
+        elif self.stopped_by == signal.SIGINT or not os.environ.get("SLURM_JOB_ID"):
             then = "run the same command again to resume (trainer.resume=auto)"
-        return f"preempted by {name}: checkpoint saved; {then}"
+        else:
+            then = "requeue is off; resubmit the job to resume"
+        how = "interrupted by SIGINT (Ctrl-C)" if self.stopped_by == signal.SIGINT else f"preempted by {name}"
+        if self.before_first_step:
+            return f"{how} during start-up: stopped before the first step, nothing written; {then}"
+        return f"{how}: checkpoint saved; {then}"
 
     def on_train_end(self) -> None:
         stopped_cleanly = sys.exc_info()[0] is None  # called from the trainer's `finally`: an error is in flight
         if self.stopped_by and stopped_cleanly and self._will_requeue() and _rank() == 0:
             self._requeue(os.environ["SLURM_JOB_ID"])
-        if not self.received:  # leave no trace on a run that was never signalled
+        if self._owns_latch and not self.received:  # leave no trace on a run that was never signalled
             self.restore()
         # after a signal the handlers stay: the requeue's own SIGTERM must not cut the clean exit short
 
@@ -163,10 +175,9 @@ class PreemptionCallback(Callback):
         log.warning("preemption: requeued SLURM job %s; it restarts and resumes from the checkpoint just saved", job)
 
     def restore(self) -> None:
-        """Put back the handlers that were installed before this callback."""
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
+        """Put back the handlers that were installed before this callback's own latch."""
+        if self._owns_latch:
+            self.latch.restore()
 
     def _cpu_group(self):
         """The default group when it is gloo, else one gloo group over all ranks, created once."""

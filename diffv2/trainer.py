@@ -30,14 +30,16 @@ from diffv2.kernels import doc_ids_from_tokens, resolve_backend
 from diffv2.model import Transformer
 from diffv2.nonfinite import NonFiniteGuard
 from diffv2.optim import lr_at, set_lr
-from diffv2.preempt import PreemptionCallback
+from diffv2.memory_check import check_fits
+from diffv2.preempt import PreemptionCallback, SignalLatch, ignore_stop_signals, signals_blocked
 from diffv2.profiling import ProfilerCallback
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.engine import build_engine
 from diffv2.record import write_record
+from diffv2.run_lock import RunLock
 from monitoring.build import build_monitors
 from monitoring.callback import StepResult, TrainContext, to_host
-from monitoring.sink import MetricSink
+from monitoring.sink import MetricSink, final_numbers
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,16 @@ class RunStopped(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, record_yaml: Optional[str] = None,
-                 env: Optional[pdist.DistEnv] = None):
+                 env: Optional[pdist.DistEnv] = None, signals: Optional[SignalLatch] = None):
         """`record_yaml`: the resolved config, written with the run record once every start-up check has passed.
         `env`: the launcher's view of this process (default: read from the environment); with more than one
-        process the process group starts here (cheap), so ranks can agree on start-up decisions."""
+        process the process group starts here (cheap), so ranks can agree on start-up decisions. `signals`: the
+        process's stop-signal latch when the caller installed one early (train.py); else the trainer installs it.
+        Rank 0 locks the run directory here (one writer per run directory, diffv2/run_lock.py)."""
         self.cfg, self.run_dir, self.record_yaml = cfg, run_dir, record_yaml
         t = cfg.trainer
+        self.preemption = PreemptionCallback(t.preempt_check_interval, t.requeue, latch=signals)
+        self.lock: Optional[RunLock] = None
         want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
             raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
@@ -89,9 +95,30 @@ class Trainer:
                              "MixedPrecisionPolicy does this job on several GPUs); drop trainer.bf16_weights")
         self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.ckpt_root = run_dir / "checkpoints"
-        # Before any expensive work: a bad path fails now. Rank 0 reads the disk; every rank gets its answer.
-        found = _outcome(self._find_resume) if self.rank0 else None
+        # Before any allocation: a model or batch that cannot fit. Every rank checks its own device and host.
+        fits = _outcome(lambda: check_fits(cfg, self.device, self.env.world_size, self.env.local_world_size,
+                                           self.autocast_dtype))
+        if problem := pdist.agree_on(fits[1] if fits[0] == "error" else None):
+            raise ValueError(problem)
+        # Before any expensive work: a run directory in use, a bad path. Rank 0 reads the disk; every rank gets its
+        # answer.
+        found = _outcome(self._lock_and_find_resume) if self.rank0 else None
         self.resume_from = _unwrap(pdist.broadcast(found))
+
+    def _lock_and_find_resume(self) -> Optional[Path]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock.acquire(self.run_dir)
+        try:
+            return self._find_resume()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (the end of run() does; process exit does too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _find_resume(self) -> Optional[Path]:
         mode = self.cfg.trainer.resume
@@ -148,6 +175,14 @@ class Trainer:
             )
 
     def run(self) -> dict:
+        """Train to trainer.max_steps or a stop; the summary dict has the final numbers and what happened
+        (`stopped`: a signal's stop reason; `exit_code`: the process's exit status after it; `already_finished`)."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         from data.dataset import build_datasets, make_loader
         from data.tokenizer import load_tokenizer, check_vocab
 
@@ -156,6 +191,11 @@ class Trainer:
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else None
         if meta:
             self._check_compatible(meta)
+            if meta["step"] >= t.max_steps:  # nothing to train: report the finished run, write nothing
+                self.preemption.on_train_end()
+                return {"run_dir": str(self.run_dir), "already_finished": meta["step"], "checkpoint":
+                        str(self.resume_from), "metrics": str(self.run_dir / "metrics.jsonl"),
+                        **final_numbers(self.run_dir / "metrics.jsonl")}
         seed_everything(cfg.seed)
         if self.device.type == "cpu" and t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -204,8 +244,9 @@ class Trainer:
             _restore_rng(trainer_state["rng"])
 
         loader = make_loader(train_ds, t.micro_batch_size, start_sample=step * t.global_batch_size,
-                             num_workers=cfg.data.num_workers, seed=cfg.seed)
-        batches = iter(loader)
+                             num_workers=cfg.data.num_workers, seed=cfg.seed, worker_init_fn=ignore_stop_signals)
+        with signals_blocked():  # workers start here and must not die of a signal meant for this process
+            batches = iter(loader)
         eod = tokenizer.eod if cfg.model.attention.doc_mask else None
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         zero3 = cfg.parallel.engine == "deepspeed" and cfg.parallel.deepspeed.zero_stage == 3
@@ -220,7 +261,7 @@ class Trainer:
                         " and parameter norms" if zero3 else "",
                         ", and λ statistics cover this rank's heads only" if cfg.parallel.tp > 1
                         else "")
-        monitors.insert(0, PreemptionCallback(t.preempt_check_interval, t.requeue))
+        monitors.insert(0, self.preemption)
         if t.profile_start:
             monitors.append(ProfilerCallback(t.profile_start, t.profile_steps, pdist.rank()))
         ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
@@ -229,25 +270,32 @@ class Trainer:
                            probe_tokens=self._probe_batch(valid_ds) if monitors and probes else None,
                            named_grads=engine.named_grads)
         saved = trainer_state.get("monitors", {})
-        for m in monitors:
-            if m.name in saved:
-                m.load_state_dict(saved[m.name])
-            m.on_train_start(ctx)
-        if self.record_yaml is not None and self.rank0:  # only now: a run refused at start-up is left as it was
-            write_record(self.run_dir, self.record_yaml)
-        sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
-                          tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"],
-                          enabled=self.rank0)
-        sink.truncate_after(step)
         summary = {"run_dir": str(self.run_dir)}
-        bar = tqdm(total=t.max_steps, initial=step, disable=not (cfg.logging.progress and self.rank0), unit="step",
-                   dynamic_ncols=True)
-        ce_sum, window_steps = torch.zeros((), device=self.device), 0
-        say = bar.write if self.rank0 else (lambda _: None)  # console lines once, from rank 0
-        weights = ComputeWeights(_unwrapped(model), self.autocast_dtype, t.fused_wgrad) if t.bf16_weights else None
-        observed = cfg.monitoring.observed_micro_batches
-
+        sink = bar = None
+        started = []  # monitors whose on_train_start ran (the preemption callback first)
         try:
+            for m in monitors:
+                if m.name in saved:
+                    m.load_state_dict(saved[m.name])
+                m.on_train_start(ctx)
+                started.append(m)
+                # a signal during start-up: stop before anything (a monitor's log, the record) is written
+                if m is self.preemption and (stop := self.preemption.stop_before_start()):
+                    log.warning("stopping before the first step: %s", stop)
+                    return {**summary, "stopped": stop, "exit_code": self.preemption.exit_code, "started": False}
+            if self.record_yaml is not None and self.rank0:  # only now: a run refused at start-up is left as it was
+                write_record(self.run_dir, self.record_yaml)
+            sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
+                              tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"],
+                              enabled=self.rank0)
+            sink.truncate_after(step)
+            bar = tqdm(total=t.max_steps, initial=step, disable=not (cfg.logging.progress and self.rank0),
+                       unit="step", dynamic_ncols=True)
+            ce_sum, window_steps = torch.zeros((), device=self.device), 0
+            say = bar.write if self.rank0 else (lambda _: None)  # console lines once, from rank 0
+            weights = (ComputeWeights(_unwrapped(model), self.autocast_dtype, t.fused_wgrad) if t.bf16_weights
+                       else None)
+            observed = cfg.monitoring.observed_micro_batches
             while step < t.max_steps:
                 lr = lr_at(step, cfg.optim, t.max_steps)
                 set_lr(optimizer, lr)
@@ -345,16 +393,23 @@ class Trainer:
                 if stop:
                     log.warning("stopping at step %d: %s", step, stop)
                     summary["stopped"] = stop
+                    summary["exit_code"] = self.preemption.exit_code
                     break
-        except BaseException:
-            sink.finish(exit_code=1)  # W&B marks the run failed now instead of in its interpreter-exit hook
+        except KeyboardInterrupt:  # a second Ctrl-C: abort now; W&B is left to its exit hook
             raise
+        except BaseException:
+            if sink is not None:
+                sink.finish(exit_code=1)  # W&B marks the run failed now instead of in its interpreter-exit hook
+            raise
+        else:
+            # before the monitors' end (the requeue): `scontrol requeue` makes SLURM SIGTERM the whole job step
+            sink.finish()
         finally:
-            for m in monitors:
-                m.on_train_end()
-            bar.close()
+            if bar is not None:
+                bar.close()
             batches = loader = None  # the only references: DataLoader workers shut down now, on errors too
-        sink.finish()
+            for m in started:
+                m.on_train_end()
         summary["metrics"] = str(sink.path)
         return summary
 

@@ -33,17 +33,46 @@ def resolve_wandb_mode(mode: str) -> str:
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    has_key = has_wandb_key()
     if not has_key:
         log.info("W&B: no API key configured, logging offline (sync later with `wandb sync RUN_DIR/wandb`)")
     return "online" if has_key else "offline"
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: one W&B run per run directory, across every restart
+# W&B refuses these in project and entity names (and they would break its URLs)
+WANDB_NAME_FORBIDDEN = set("/\\#?%:")
+
+
+def wandb_problem(cfg: WandbConfig) -> Optional[str]:
+    """Why W&B would fail to start with this config and environment (one line with the fix), else None. Checked
+    before the run directory is written."""
+    for key in ("project", "entity"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        bad = sorted(set(value) & WANDB_NAME_FORBIDDEN)
+        if bad or not value.strip() or len(value) > 128:
+            why = f"contains {' '.join(repr(c) for c in bad)}" if bad else "must be 1-128 characters"
+            return (f"logging.wandb.{key}={value!r} {why}, which W&B does not allow in a {key} name; use letters, "
+                    f"digits, '-', '_' and '.'")
+    mode = os.environ.get("WANDB_MODE") or cfg.mode
+    if mode == "online" and not has_wandb_key():
+        return ("W&B mode is online but no API key is configured; run `wandb login`, set WANDB_API_KEY, or log "
+                "offline with logging.wandb.mode=offline (WANDB_MODE=offline)")
+    return None
+
+
+def has_wandb_key() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
 class MetricSink:
     def __init__(self, run_dir: Path, cfg: WandbConfig, config_dict: dict, run_id: Optional[str], tags: list[str],
                  enabled: bool = True):
-        """`enabled=False` (every rank but 0 of a distributed run) writes nothing anywhere."""
+        """`enabled=False` (every rank but 0 of a distributed run) writes nothing anywhere. `run_id`: the W&B run to
+        continue (from the checkpoint); else the one this run directory started, else a new one."""
         self.path = run_dir / "metrics.jsonl"
         self.run = None
         self.enabled = enabled
@@ -51,12 +80,16 @@ class MetricSink:
         if mode != "disabled" and enabled:
             import wandb
 
+            id_file = run_dir / WANDB_ID_FILE
+            run_id = run_id or (id_file.read_text().strip() if id_file.is_file() else None)
             os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, dir=str(run_dir),
                 id=run_id, resume="allow", mode=mode, config=config_dict, tags=sorted(set(tags + list(cfg.tags))),
                 settings=wandb.Settings(quiet=True),  # our console line already summarises the run
             )
+            if not id_file.is_file():
+                id_file.write_text(self.run.id + "\n")
             for key, summary in SUMMARIES.items():
                 self.run.define_metric(key, summary=summary)
         self._tables: dict = {}
@@ -72,7 +105,10 @@ class MetricSink:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self.run is not None:
-            self.run.log({k: self._wandb_value(k, v) for k, v in metrics.items()}, step=step)
+            try:
+                self.run.log({k: self._wandb_value(k, v) for k, v in metrics.items()}, step=step)
+            except Exception as e:  # noqa: BLE001 - W&B failing must not stop training; metrics.jsonl has it all
+                self._lost(e)
 
     def _wandb_value(self, key: str, value):
         import wandb
@@ -90,27 +126,63 @@ class MetricSink:
         return value
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so metrics.jsonl has one line per step."""
+        """On resume, move lines logged after the checkpoint aside so metrics.jsonl has one line per step."""
         if self.enabled:
             rewind_jsonl(self.path, step)
 
+    def _lost(self, err: Exception) -> None:
+        """The W&B service is gone (SLURM signals it with the job step) or failing: warn once, log on without it."""
+        log.warning("W&B stopped accepting metrics (%s: %s); metrics.jsonl keeps every step (the local W&B run "
+                    "files may lack the last ones)", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        self.run = None
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as e:  # noqa: BLE001 - a dead W&B service must not turn a clean stop into a crash
+                self._lost(e)
 
 
-def rewind_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of a {"step": ...} JSONL log up to `step`, and drop a last line cut short by a killed write."""
+def rewind_jsonl(path: Path, step: int) -> Optional[Path]:
+    """Keep the lines of a {"step": ...} JSONL log up to `step`; lines after it (steps a resumed run redoes) and a
+    line cut short by a killed write are appended to NAME.rewound.jsonl beside it, never dropped. Returns that
+    file if anything moved."""
     if not path.exists():
-        return
-    keep = []
+        return None
+    keep, moved = [], []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
+            (keep if json.loads(line)["step"] <= step else moved).append(line)
         except (ValueError, KeyError, TypeError):
-            log.warning("%s: dropped an unreadable line (a write cut short by a crash?): %.80s", path, line)
-    path.write_text("".join(ln + "\n" for ln in keep))
+            log.warning("%s: an unreadable line (a write cut short by a crash?) moved aside: %.80s", path, line)
+            moved.append(line)
+    if not moved:
+        return None
+    aside = path.with_name(path.stem + ".rewound.jsonl")
+    with open(aside, "a") as f:  # first, so a crash between the two writes duplicates lines instead of losing them
+        f.write("".join(ln + "\n" for ln in moved))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+    log.warning("%s: %d line(s) logged after step %d, the step this run resumes from, moved to %s", path.name,
+                len(moved), step, aside.name)
+    return aside
+
+
+def final_numbers(path: Path) -> dict:
+    """The last train/loss and train/val_loss a metrics.jsonl holds (those present)."""
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            found.update({k: row[k] for k in ("train/loss", "train/val_loss") if k in row})
+    return found
 
 
 def _jsonable(value):
