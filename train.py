@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from diffv2.signals import EXIT_INTERRUPTED, SignalLatch
+from diffv2.signals import SignalLatch
 
 # First, before the imports below (seconds of start-up): a SIGUSR1/SIGTERM/Ctrl-C from now on is recorded, and
 # the run stops cleanly at its first step boundary instead of dying half-started.
@@ -54,6 +54,8 @@ def main(dcfg: DictConfig) -> dict:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     fresh = not any(run_dir.iterdir())  # Hydra has just created it (or it was empty): a refused start removes it
+    if SIGNALS is not None:  # what the abort line of a second Ctrl-C says
+        SIGNALS.abort_note = lambda: _newest_checkpoint(run_dir)
     try:
         cfg: Config = OmegaConf.to_object(dcfg)
         env = pdist.detect()
@@ -62,8 +64,6 @@ def main(dcfg: DictConfig) -> dict:
             raise ValueError(problem)
         summary = Trainer(cfg, run_dir, record_yaml=OmegaConf.to_yaml(dcfg, resolve=True), env=env,
                           signals=SIGNALS).run()
-    except KeyboardInterrupt:  # the second Ctrl-C: out now, with nothing more written
-        _fail(f"error: aborted by a second Ctrl-C; {_newest_checkpoint(run_dir)}", EXIT_INTERRUPTED, hard=True)
     except ValueError as e:  # user errors: one line, no traceback
         _fail(f"error: {e}", 2, run_dir if fresh else None)
     except OSError as e:
@@ -115,15 +115,15 @@ def _remove_fresh(run_dir: Path) -> None:
         pass
 
 
-def _fail(message: str, code: int, remove: Optional[Path] = None, hard: bool = False) -> None:
+def _fail(message: str, code: int, remove: Optional[Path] = None) -> None:
     """One line on stderr and exit; `remove`: a run directory this start created, removed if it holds nothing but
-    the lock. With a process group up, or `hard`, the process exits at once (os._exit): a clean shutdown would
-    wait on the ranks that are still running, or on W&B's exit hook after a second Ctrl-C."""
+    the lock. With a process group up, the process exits at once (os._exit): a clean shutdown would wait on the
+    ranks that are still running."""
     from diffv2.parallel import dist as pdist
 
     if remove is not None:
         _remove_fresh(remove)
-    if pdist.world_size() == 1 and not hard:
+    if pdist.world_size() == 1:
         print(message, file=sys.stderr)
         sys.exit(code)
     print(f"[rank {pdist.rank()}] {message}" if pdist.world_size() > 1 else message, file=sys.stderr, flush=True)

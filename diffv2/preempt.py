@@ -15,8 +15,8 @@ only some ranks: the ranks agree with an all-reduce(MAX) of the signal number ov
 the CPU never synchronises the GPU; one int per check is a small network round trip (raise `interval` if it
 ever shows).
 
-A second Ctrl-C aborts at once (KeyboardInterrupt from the handler; train.py exits 130 without waiting for
-anything): checkpoints are written atomically, so the newest complete one stays valid.
+A second Ctrl-C aborts at once (the handler prints one `error:` line and exits 130 without unwinding or waiting
+for anything): checkpoints are written atomically, so the newest complete one stays valid.
 
 After the stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID` for SIGUSR1 only, after the W&B run is finished (a
 requeue makes SLURM SIGTERM the whole job step): the job restarts and `trainer.resume=auto` continues from the

@@ -1,12 +1,15 @@
-"""One writer per run directory: `RUN/run.lock`, held with flock(2) by rank 0 for the whole run.
+"""One writer per run directory: `RUN/run.lock`, held with a POSIX record lock (fcntl) by rank 0 for the run.
 
-A second `train.py` on the same run directory, on this host or another one sharing the filesystem (flock works
-over NFS, where the client maps it to a POSIX lock, and on Lustre mounted with `-o flock`), is refused before it
-touches anything. The kernel drops the lock when its holder dies however it dies (kill -9, a lost node once the
-filesystem's lease expires), so a lock left by a dead process is simply taken over; the file's text (host, pid,
-start time of the holder) is cleared on a clean release, so text found on taking the lock names the dead
-holder, and the run says so. The file itself is never deleted: a deleted lock file lets two processes each
-lock a different inode.
+A second `train.py` on the same run directory, on this host or another one sharing the filesystem (POSIX locks
+work over NFS through its lock manager, and on Lustre mounted with `-o flock`), is refused before it touches
+anything. The kernel drops the lock when its holder dies however it dies (kill -9, a lost node once the
+filesystem's lease expires); unlike flock(2), a POSIX lock belongs to the process alone, so forked children
+(DataLoader workers) that outlive it for a few seconds do not keep it. A lock left by a dead process is thus
+simply taken over; the file's text (host, pid, start time of the holder) is cleared on a clean release, so text
+found on taking the lock names the dead holder, and the run says so. The holder reads and writes the file only
+through its locking descriptor (closing any other descriptor of the file would drop a POSIX lock). A lock file is
+deleted only under its lock, by a refused start that created the directory, and a taker checks it locked the
+file that is still there.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class RunLock:
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -47,7 +50,7 @@ class RunLock:
             if _same_file(fd, path):
                 break
             os.close(fd)  # the file was removed while we waited for it (a refused start cleaning up): take the new one
-        left = _read(path)
+        left = _parse(os.pread(fd, 4096, 0))
         if left:
             log.warning("run directory %s: took over the lock left by %s, which is no longer running", run_dir,
                         _describe(left))
@@ -65,7 +68,7 @@ class RunLock:
         try:
             os.ftruncate(self._fd, 0)
         finally:
-            os.close(self._fd)  # closing the only descriptor releases the flock
+            os.close(self._fd)  # releases the lock
             self._fd = None
 
 
@@ -78,7 +81,7 @@ def remove_unheld(run_dir: Path) -> None:
     except FileNotFoundError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if _same_file(fd, path):
             path.unlink()
     except OSError:
@@ -95,10 +98,18 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _read(path: Path) -> Optional[dict]:
+    """The holder's text, read by a process that does not hold the lock."""
     try:
-        text = path.read_text().strip()
+        return _parse(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _parse(data: bytes) -> Optional[dict]:
+    text = data.decode(errors="replace").strip()
+    try:
         return json.loads(text) if text else None
-    except (OSError, ValueError):
+    except ValueError:
         return {"unreadable": True}
 
 

@@ -9,6 +9,8 @@ import contextlib
 import logging
 import os
 import signal
+import sys
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,13 @@ REQUEUE_SIGNAL = signal.SIGUSR1  # the time-limit warning from `--signal=USR1@le
 _CTRL_C_NOTE = b"\nCtrl-C: stopping after this step with a checkpoint (press Ctrl-C again to abort at once)\n"
 
 
+def _write(data: bytes) -> None:
+    try:
+        os.write(2, data)
+    except OSError:
+        pass
+
+
 def exit_code_for(signum: int) -> int:
     """The process's exit status after a clean stop on `signum`."""
     return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
@@ -29,14 +38,17 @@ class SignalLatch:
     """Records SIGINT/SIGUSR1/SIGTERM for this process; nothing else happens in the handler.
 
     `received`: the largest signal number seen (SIGTERM > SIGUSR1 > SIGINT: a preemption outranks a Ctrl-C).
-    The second SIGINT raises KeyboardInterrupt (abort now). `install()` returns the latch; `restore()` puts back
+    The second SIGINT aborts the process at once: one `error:` line (with `abort_note()`, e.g. which checkpoint
+    is intact) and exit 130, without unwinding (an exception raised from a signal handler could land inside a
+    checkpoint writer's C++ callback and abort the process). `install()` returns the latch; `restore()` puts back
     the handlers it replaced."""
 
     def __init__(self):
         self.received = 0
         self.interrupts = 0
+        self.abort_note: Callable[[], str] = lambda: ""
         self._previous: dict = {}
-        self._note = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0")
+        self._rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
     def install(self) -> "SignalLatch":
         for sig in SIGNALS:
@@ -48,23 +60,30 @@ class SignalLatch:
             self._previous.setdefault(sig, previous)
         return self
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._previous)
-
     def _handle(self, signum, frame) -> None:
-        """Async-signal-safe apart from the abort: integer stores and one os.write, no logging (its lock could
-        deadlock)."""
+        """Integer stores and os.write only, no logging (its lock could deadlock)."""
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
-                raise KeyboardInterrupt("second Ctrl-C")
-            if self._note:
-                try:
-                    os.write(2, _CTRL_C_NOTE)
-                except OSError:
-                    pass
+                self._abort()
+            if self._rank in ("", "0"):
+                _write(_CTRL_C_NOTE)
         self.received = max(self.received, signum)
+
+    def _abort(self) -> None:
+        try:
+            note = self.abort_note()
+        except Exception:  # noqa: BLE001 - the exit must happen whatever the note does
+            note = ""
+        prefix = f"[rank {self._rank}] " if self._rank not in ("", "0") or os.environ.get("WORLD_SIZE", "1") != "1" \
+            else ""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - e.g. a reentrant flush when the signal came inside a write
+                pass
+        _write(f"{prefix}error: aborted by a second Ctrl-C{'; ' + note if note else ''}\n".encode())
+        os._exit(EXIT_INTERRUPTED)
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():

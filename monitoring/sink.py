@@ -135,6 +135,12 @@ class MetricSink:
         log.warning("W&B stopped accepting metrics (%s: %s); metrics.jsonl keeps every step (the local W&B run "
                     "files may lack the last ones)", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         self.run = None
+        import wandb
+
+        try:  # drop W&B's own exit hook now: it would print a traceback talking to the dead service at exit
+            wandb.teardown()
+        except (Exception, SystemExit):  # noqa: BLE001 - the service is gone; nothing left to tear down cleanly
+            pass
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:

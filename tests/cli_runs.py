@@ -1,6 +1,7 @@
 """Real `python train.py` / `python -m data.prepare` runs for the reliability tests, and what they leave behind.
 
-Every run has a timeout (a hang fails the test instead of blocking CI) and one CPU thread: tiny models run
+Every run is watched for a hang, not timed: a run that prints nothing for STALL_S seconds is killed and its test
+fails (a slow step on a loaded machine never trips it; a deadlock does). One CPU thread per run: tiny models run
 fastest so, and every run of a bit-exact comparison then does the same arithmetic. `side_by_side` runs
 independent runs on both CI cores.
 """
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +25,8 @@ import torch
 from test_train import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 240  # seconds per run; the slowest takes ~15 on two busy cores
+STALL_S = 900  # seconds without a line of output: hung (a tiny run prints every few seconds even on a busy machine)
+HANG_S = 1800  # whole-run guard where the output cannot be watched line by line: minutes of work take seconds
 ENV = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1",
        "OMP_NUM_THREADS": "1"}
 
@@ -40,32 +43,67 @@ def train_cmd(run_dir: Path, cache: Path, *overrides: str) -> list[str]:
 def train(run_dir: Path, cache: Path, *overrides: str, fault: Optional[str] = None,
           env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run train.py to its end (or its death); DIFFV2_FAULT=`fault` arms a test hook (diffv2/faults.py)."""
-    return subprocess.run(train_cmd(run_dir, cache, *overrides), cwd=ROOT, env=_env(fault, env),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return run_watched(train_cmd(run_dir, cache, *overrides), env=_env(fault, env))
+
+
+def run_watched(cmd: list[str], env: Optional[dict] = None, cwd: Path = ROOT, stall_s: float = STALL_S,
+                on_line: Optional[Callable[[str, subprocess.Popen], None]] = None,
+                **popen) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True), killed only when it prints nothing (stdout or stderr)
+    for `stall_s` seconds (then TimeoutError). `on_line(line, proc)` sees every stdout line as it comes."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+    out, err, last = [], [], [time.monotonic()]
+
+    def pump(stream, sink, callback):
+        for line in stream:
+            sink.append(line)
+            last[0] = time.monotonic()
+            if callback is not None:
+                callback(line, proc)
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, out, on_line), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, None), daemon=True)]
+    for r in readers:
+        r.start()
+    while proc.poll() is None:
+        if time.monotonic() - last[0] > stall_s:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"{' '.join(map(str, cmd[:4]))} ... printed nothing for {stall_s:.0f} s (hung?); "
+                               f"last output:\n{''.join((out + err)[-20:])}")
+        time.sleep(0.05)
+    for r in readers:
+        r.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
 
 
 def train_killed_after(run_dir: Path, cache: Path, step: int, *overrides: str) -> subprocess.CompletedProcess:
     """Run train.py and SIGKILL it from outside as soon as it prints the loss of `step`: wherever it then is."""
-    log = run_dir.parent / f".{run_dir.name}-{time.monotonic_ns()}.out"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(train_cmd(run_dir, cache, *overrides), cwd=ROOT, env=_env(None, None), stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + TIMEOUT
-        while proc.poll() is None and f"step {step:>6} | loss" not in log.read_text():
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise TimeoutError(f"train.py did not reach step {step} in {TIMEOUT} s")
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=TIMEOUT)
-    output = log.read_text()
-    log.unlink()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+    return train_signalled_after(run_dir, cache, step, signal.SIGKILL, *overrides)
+
+
+def train_signalled_after(run_dir: Path, cache: Path, step: int, sig: int, *overrides: str, times: int = 1,
+                          group: bool = False, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run train.py and send it `sig` (`times` times, 50 ms apart) as soon as it prints the loss of `step`;
+    `group`: to its whole process group, as a terminal's Ctrl-C, `timeout` or SLURM reach every process (train.py
+    then runs in a session of its own). step 0: as soon as it starts (start-up)."""
+    sent = threading.Event()
+
+    def send(line: str, proc: subprocess.Popen) -> None:
+        if not sent.is_set() and (step == 0 or f"step {step:>6} | loss" in line):
+            sent.set()
+            for i in range(times):
+                os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+                if i + 1 < times:
+                    time.sleep(0.05)
+
+    return run_watched(train_cmd(run_dir, cache, *overrides), env=_env(None, env), on_line=send,
+                       start_new_session=group)
 
 
 def prepare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data.prepare", *args], cwd=ROOT, env=_env(None, None),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return run_watched([sys.executable, "-m", "data.prepare", *args], env=_env(None, None))
 
 
 def side_by_side(*jobs: Callable[[], object]) -> list:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_runs import ENV, ROOT, TIMEOUT, error_line, metrics, side_by_side, train, trajectory, train_cmd
+from cli_runs import (ENV, HANG_S, ROOT, error_line, metrics, run_watched, side_by_side, train, trajectory,
+                      train_cmd)
 from test_train import SMALL
 from diffv2 import checkpoint
 
@@ -28,13 +29,13 @@ STEPS = ["trainer.max_steps=6", "trainer.log_interval=1", "trainer.eval_interval
 
 
 def torchrun(run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, fault: str = "", fault_rank: int = 0,
-             timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+             ) -> subprocess.CompletedProcess:
     cmd = train_cmd(run_dir, cache, *STEPS, *overrides)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK")}
     if fault:
         env.update(DIFFV2_FAULT=fault, DIFFV2_FAULT_RANK=str(fault_rank))
-    return subprocess.run(launcher + cmd[1:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_watched(launcher + cmd[1:], env=env)
 
 
 def single(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -152,8 +153,7 @@ def test_two_node_c10d_rendezvous(reference, tmp_path):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                     f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                     "--rdzv_id=nodes-test", "--max_restarts=0"]
-        return lambda: subprocess.run(launcher + cmd[1:], cwd=ROOT, env=env, capture_output=True, text=True,
-                                      timeout=TIMEOUT)
+        return lambda: run_watched(launcher + cmd[1:], env=env)
 
     results = side_by_side(node(0), node(1))
     for proc in results:
@@ -162,7 +162,7 @@ def test_two_node_c10d_rendezvous(reference, tmp_path):
 
 
 def srun_like(run_dir: Path, cache: Path, *overrides: str, ntasks: int = 2, fault: str = "", fault_rank: int = 0,
-              timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
+              timeout: float = HANG_S) -> list[subprocess.CompletedProcess]:
     """What `srun` does for one node: start every task itself with SLURM's variables (no torchrun agent that would
     tear the job down for us); MASTER_ADDR/PORT as the generated batch script exports them."""
     port = _free_port()
@@ -197,7 +197,7 @@ def test_a_lost_rank_ends_the_job_with_an_error_then_it_resumes(reference, tmp_p
     timeout_s = 15
     start = time.monotonic()
     procs = srun_like(tmp_path / "r", cache, f"parallel.timeout_s={timeout_s}", fault=f"{fault}:5", fault_rank=1,
-                      timeout=timeout_s + 120) if fault == "rank_kill" else None
+                      timeout=HANG_S) if fault == "rank_kill" else None
     if procs is None:  # the stalled rank never exits by itself: stop it once rank 0 has given up
         procs = _stalled_job(tmp_path / "r", cache, timeout_s)
     elapsed = time.monotonic() - start
@@ -221,7 +221,7 @@ def _stalled_job(run_dir: Path, cache: Path, timeout_s: int) -> list[subprocess.
     cmd = train_cmd(run_dir, cache, *STEPS, f"parallel.timeout_s={timeout_s}")
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    stdout, stderr = procs[0].communicate(timeout=timeout_s + 120)
+    stdout, stderr = procs[0].communicate(timeout=HANG_S)
     procs[1].kill()  # the scheduler's job: a task that hangs forever is killed when the job ends
     procs[1].communicate()
     return [subprocess.CompletedProcess(procs[0].args, procs[0].returncode, stdout, stderr)]
@@ -259,16 +259,15 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(tmp_path):
         if "step      3 | loss" in line:  # SLURM signals every task of the step; here: all but the batch shell
             for pid in _train_processes(run_dir):
                 os.kill(pid, signal.SIGUSR1)
-    assert job.wait(timeout=TIMEOUT) == 75, "".join(seen)[-3000:]
+    assert job.wait(timeout=HANG_S) == 75, "".join(seen)[-3000:]
     assert ["requeue", job_id] in calls(env, "scontrol")
     (saved,) = checkpoint.list_checkpoints(run_dir / "checkpoints")
     assert 3 <= checkpoint.read_meta(saved)["step"] < 12 and checkpoint.verify(saved) is None
 
-    again = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=TIMEOUT)
+    again = run_watched(["bash", str(script)], env=env, cwd=tmp_path)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert f"resumed from {saved}" in again.stdout + again.stderr
-    assert reference.wait(timeout=TIMEOUT) == 0, reference.stderr.read()[-3000:]
+    assert reference.wait(timeout=HANG_S) == 0, reference.stderr.read()[-3000:]
     assert_same_training(tmp_path / "ref", run_dir)
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from cli_runs import ROOT, TIMEOUT, _env, error_line, train
+from cli_runs import ROOT, _env, error_line, run_watched, train
 from diffv2 import checkpoint
 from diffv2.parallel.engine import Engine, safe_load
 from diffv2.config import ModelConfig
@@ -385,8 +385,7 @@ def test_commands_refuse_planted_metadata(trained_run, tmp_path, command):
     marker = tmp_path / "marker"
     plant_metadata(ckpt, marker)
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
-    proc = subprocess.run([sys.executable, "-m", *args, "--checkpoint", str(run)], cwd=ROOT, env=_env(None, None),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run_watched([sys.executable, "-m", *args, "--checkpoint", str(run)], env=_env(None, None))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_line(proc).startswith("error: refusing to load") and "builtins.exec" in error_line(proc)
     assert not marker.exists()

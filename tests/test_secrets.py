@@ -15,7 +15,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
-from cli_runs import ROOT, TIMEOUT, _env, train_cmd
+from cli_runs import ROOT, _env, run_watched, train_cmd
 
 SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY",
                 "MY_SECRET", "DB_PASSWORD", "DIFFV2_SERVICE_KEY")
@@ -36,8 +36,7 @@ def source_copy(dest: Path, remote: str) -> Path:
 
 
 def train_from(src: Path, run: Path, cache: Path, *overrides: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(run, cache, *overrides), cwd=src, env=_env(None, env), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    return run_watched(train_cmd(run, cache, *overrides), env=_env(None, env), cwd=src)
 
 
 def every_file(roots: list[Path]) -> list[Path]:
