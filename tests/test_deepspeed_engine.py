@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO engine (diffv2/parallel/deepspeed_engine.py): the generated JSON, and 2-rank gloo runs driven
 through the `Engine` interface exactly as the training loop drives it, against a one-process plain-PyTorch
-reference (the base `Engine` with `build_optimizer`) on the same global batch.
+reference (the base `Engine` with `build_optimizer`, in float64) on the same global batch.
 
 One spawn of two processes runs every configuration in turn (each spawn pays the torch + DeepSpeed import and the
 first-initialize cost); the parent computes the references and asserts. Workers skip DeepSpeed's CPU shared-memory
@@ -37,8 +37,9 @@ pytest.importorskip("deepspeed")
 
 WORLD, MICRO, GLOBAL, SEQ, STEPS, SAVE_AFTER = 2, 1, 4, 16, 4, 2
 ACCUM_DS, ACCUM_REF = GLOBAL // (MICRO * WORLD), GLOBAL // MICRO
-# (name, zero stage, precision, offload_optimizer, model overrides): fp32 runs are compared with the reference at
-# rtol 1e-4; bf16 runs (BF16_Optimizer at stage 1, ZeRO-3 at stage 3) loosely, to show bf16 works on the CPU.
+# (name, zero stage, precision, offload_optimizer, model overrides): fp32 runs are compared with the (float64)
+# reference at rtol 1e-4; bf16 runs (BF16_Optimizer at stage 1, ZeRO-3 at stage 3) loosely, to show bf16 works on the
+# CPU.
 RUNS = [("zero1", 1, "fp32", False, {}), ("zero2", 2, "fp32", False, {}),
         ("zero3", 3, "fp32", False, {"tie_embeddings": True}),
         # MoE blocks are ZeRO-3 leaves; balance=none because the aux loss balances over all ranks' tokens by design,
@@ -60,6 +61,14 @@ def make_cfg(stage: int = 2, precision: str = "fp32", offload: bool = False, **m
     cfg.trainer.device, cfg.trainer.precision = "cpu", precision
     cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size, cfg.trainer.max_steps = MICRO, GLOBAL, STEPS
     cfg.optim.warmup_steps, cfg.optim.grad_clip = 3, 0.5  # lr changes every step; clipping is active
+    # AdamW's first step moves an element by lr * g / (|g| + eps): near g = 0 an error in g moves the weight lr / eps
+    # times as far. fp32 gradient elements carry absolute rounding errors of ~1e-10 (ZeRO adds the same terms in
+    # other orders than one process: micro-batch gradients grouped by rank or by micro-step, and at stage 3 identity
+    # autograd nodes at every module boundary regroup the residual stream's gradient sums), so with the default
+    # eps = 1e-8 (x1e5) a weight whose gradient happened to be ~1e-9 moved by up to 1e-5, several times the
+    # 1e-6 + 1e-4 |p| tolerance: even the fp32 one-process loop missed the exact (float64) result by 3.8x it. At 1e-5
+    # (x100) every fp32 run lands within 0.15 of the tolerance of the exact result.
+    cfg.optim.eps = 1e-5
     cfg.parallel.engine, cfg.parallel.deepspeed.zero_stage = "deepspeed", stage
     cfg.parallel.deepspeed.offload_optimizer = offload
     return cfg
@@ -295,9 +304,12 @@ def spawn(fn, args, nprocs: int, timeout_s: float) -> None:
 
 
 def reference(cfg: Config, data: torch.Tensor) -> dict:
-    """One process, plain PyTorch: the base Engine, accumulating the whole global batch in micro-batches."""
+    """One process, plain PyTorch: the base Engine, accumulating the whole global batch in micro-batches, in float64
+    (the same fp32 initial weights, cast): the exact result to ~1e-16, whatever the thread count and kernels of the
+    process running it, so a run's own fp32 rounding gets the whole tolerance instead of sharing it with the
+    reference's (which sums in yet another order)."""
     torch.manual_seed(0)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model).double()
     engine = Engine(model, build_optimizer(model, cfg.optim, torch.device("cpu")))
     out = {"loss": [], "norm": [], "grad_sq": []}
     for step in range(STEPS):
@@ -342,7 +354,7 @@ def _close(got, want, rtol, what):
 
 def check_reference(results, run) -> None:
     """Losses, pre-clip grad norms, per-parameter monitor grads (`named_grads`) and final parameters equal the
-    one-process reference within fp32 tolerance; the lr set each step reached the inner optimizer."""
+    one-process float64 reference within fp32 tolerance; the lr set each step reached the inner optimizer."""
     name, stage, precision, offload, overrides = run
     cfg = make_cfg(stage, precision, offload, **overrides)
     ref = reference(cfg, batch())
@@ -356,10 +368,11 @@ def check_reference(results, run) -> None:
             for pname, sq in ref["grad_sq"][step].items():
                 _close(r["grad_sq"][step][pname], sq, 1e-4, f"rank {rank} step {step} named grad {pname}")
         for pname, p in ref["params"].items():
-            torch.testing.assert_close(r["params"][pname], p, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")
+            torch.testing.assert_close(r["params"][pname].double(), p, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{pname}: {m}")
         _close(r["eval_loss"], ref["eval_loss"], 1e-5, "eval loss through DeepSpeed's forward")
         assert r["probe_shape_ok"], "a pre-hook saw a partition inside gathered_params"
-        torch.testing.assert_close(r["hidden"], ref["hidden"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r["hidden"].double(), ref["hidden"], rtol=1e-4, atol=1e-5)
 
 
 def check_round_trip_and_nonfinite_skip(results, name) -> None:
