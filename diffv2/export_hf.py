@@ -6,17 +6,19 @@ r"""Export a checkpoint as a Hugging Face model directory (safetensors + config.
 
 OUT holds model.safetensors (our parameter names, no renaming), config.json (with auto_map pointing at the two
 files below), configuration_diffv2.py and modeling_diffv2.py (copied from diffv2/hf/: pure torch + transformers,
-no import of this project), generation_config.json, and for a tokenizer.json run its tokenizer.
+no import of this project), generation_config.json, and the run's tokenizer as tokenizer.json +
+tokenizer_config.json (a standard PreTrainedTokenizerFast; for the byte tokenizer an equivalent byte-level one).
+The export itself needs torch and tokenizers only; --verify needs transformers (pip install -e '.[hf]').
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import BinaryIO, Callable, Dict, List, Optional
 
 import torch
 
@@ -26,11 +28,17 @@ from diffv2.model import Transformer
 
 TEMPLATES = Path(__file__).resolve().parent / "hf"
 REMOTE_FILES = ("configuration_diffv2.py", "modeling_diffv2.py")
+HF_EXTRA = "pip install -e '.[hf]'"
+# safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+BYTE_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")  # ids 256 (end of document) and 257 (pad) of the byte tokenizer
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype, eod: int, pad: int) -> dict:
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, eod: int, pad: int, tokenizer_vocab: int) -> dict:
     """config.json for the model as built (param_match already resolved into ffn_hidden)."""
-    a = cfg.attention
+    a, moe = cfg.attention, cfg.moe
     return {
         "architectures": ["DiffV2ForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_diffv2.DiffV2Config",
@@ -44,6 +52,11 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, eod: int, pad: int) -> dict:
         "attention_variant": a.variant, "head_multiplier": a.head_multiplier, "pairing": a.pairing,
         "lambda_mode": a.lambda_mode, "combine_fp32": a.combine_fp32, "qk_norm": a.qk_norm,
         "rope_style": a.rope_style, "rope_theta": a.rope_theta,
+        "num_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.expert_hidden,
+        "num_shared_experts": moe.n_shared_experts, "moe_router": moe.router,
+        "moe_router_bias": moe.balance == "aux_free", "moe_capacity_factor": moe.capacity_factor,
+        # The embedding is padded past the tokenizer (e.g. 264 rows for 258 byte ids): those ids get -inf logits.
+        "tokenizer_vocab_size": tokenizer_vocab,
         "eos_token_id": eod, "pad_token_id": pad, "bos_token_id": None,
     }
 
@@ -53,47 +66,134 @@ def export(ckpt: Path, out: Path, dtype: torch.dtype = torch.float32, tokenizer:
     return write_hf(load_model(ckpt, torch.device("cpu")), tokenizer_spec(ckpt, tokenizer), out, dtype)
 
 
+def write_new(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` as a new file renamed over any old one: created as open() creates files (0666 less the umask),
+    whatever mode an earlier file there had, and never left half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    with open(partial, "wb") as f:
+        write(f)
+    os.replace(partial, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_new(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    """`tensors` in the safetensors format with torch alone: an 8-byte little-endian header length, the JSON header
+    (name -> dtype, shape, [begin, end) byte offsets into the data; padded with spaces to 8 bytes), then the raw
+    little-endian data, largest elements first so that every tensor is aligned to its element size."""
+    if sys.byteorder != "little":
+        raise ValueError("safetensors stores little-endian data; export on a little-endian machine")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: Dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: cannot store dtype {t.dtype} in safetensors; export --dtype float32")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+
+    def write(f: BinaryIO) -> None:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+    write_new(path, write)
+
+
+def gpt2_byte_chars() -> Dict[int, str]:
+    """The printable character ByteLevel pre-tokenizers stand each byte for (GPT-2's bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def byte_tokenizer_json() -> str:
+    """data.tokenizer.ByteTokenizer as a tokenizers file: ids 0-255 are the UTF-8 bytes (a byte-level BPE without
+    merges), 256 = <|endoftext|> (end of document), 257 = <|pad|>; decoding is lossy UTF-8, as ours."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in gpt2_byte_chars().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIAL_TOKENS])
+    assert [tok.token_to_id(t) for t in BYTE_SPECIAL_TOKENS] == [256, 257]
+    return tok.to_str()
+
+
+def write_tokenizer(tokenizer: str, out: Path, eod: int, pad: int, max_len: int) -> None:
+    """tokenizer.json + tokenizer_config.json for transformers' standard PreTrainedTokenizerFast (no custom code):
+    eos = end of document, pad, no bos; left padding (batched generation); text that spells a special token stays
+    text (split_special_tokens), as our tokenizers encode it; no token_type_ids (generate(**batch) takes the batch)."""
+    from tokenizers import Tokenizer as TokenizerFile
+
+    if tokenizer == "byte":
+        text = byte_tokenizer_json()
+    else:
+        text = Path(tokenizer).read_text(encoding="utf-8")
+    vocab = TokenizerFile.from_str(text)
+    write_text(out / "tokenizer.json", text)
+    write_text(out / "tokenizer_config.json", json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": vocab.id_to_token(eod),
+         "pad_token": vocab.id_to_token(pad), "padding_side": "left", "split_special_tokens": True,
+         "model_input_names": ["input_ids", "attention_mask"], "clean_up_tokenization_spaces": False,
+         "model_max_length": max_len}, indent=2))
+
+
 def write_hf(model: Transformer, tokenizer: str, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    from safetensors.torch import save_file
+    from data.tokenizer import check_vocab, load_tokenizer
 
-    from data.tokenizer import load_tokenizer
-
-    if model.cfg.moe.n_experts:  # the shipped modeling file has dense SwiGLU blocks only
-        raise ValueError(f"HF export of MoE models (model.moe.n_experts={model.cfg.moe.n_experts}) is not implemented; "
-                         f"export a dense model")
     tok = load_tokenizer(tokenizer)
+    check_vocab(tok, model.cfg.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
+    # Parameters in `dtype`; buffers (the MoE expert bias: routing runs in fp32) as they are, as cast_weights does.
     # Tied embeddings leave lm_head out of the state dict: the modeling file reads embed.weight for both.
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    params = {name for name, _ in model.named_parameters()}
+    state = {k: v.detach().to("cpu", dtype if k in params else v.dtype) for k, v in model.state_dict().items()}
+    save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
     pad = tok.pad if tok.pad >= 0 else tok.eod
-    (out / "config.json").write_text(json.dumps(hf_config(model.cfg, dtype, tok.eod, pad), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eod, "pad_token_id": pad},
-                                                           indent=2))
+    write_text(out / "config.json", json.dumps(hf_config(model.cfg, dtype, tok.eod, pad, tok.vocab_size), indent=2))
+    write_text(out / "generation_config.json", json.dumps({"eos_token_id": tok.eod, "pad_token_id": pad}, indent=2))
     for name in REMOTE_FILES:
-        shutil.copyfile(TEMPLATES / name, out / name)
-    if tokenizer != "byte":  # a tokenizer.json run: ship it so AutoTokenizer works
-        from tokenizers import Tokenizer as TokenizerFile
-
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
-        vocab = TokenizerFile.from_file(tokenizer)
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": vocab.id_to_token(tok.eod),
-             "pad_token": vocab.id_to_token(pad)}, indent=2))
+        write_new(out / name, lambda f, src=TEMPLATES / name: f.write(src.read_bytes()))
+    write_tokenizer(tokenizer, out, tok.eod, pad, model.cfg.max_seq_len)
     return out
+
+
+def require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+        import safetensors  # noqa: F401  (transformers reads model.safetensors with it)
+    except ImportError as e:
+        raise ValueError(f"--verify loads OUT with transformers: it needs the hf extra ({e.name} is not installed); "
+                         f"{HF_EXTRA}") from None
 
 
 @torch.no_grad()
 def verify(ours: Transformer, out: Path, tokens: int = 32) -> float:
-    """Max |logits(ours) - logits(transformers)| in fp32 on random tokens, both from the exported (rounded) weights."""
+    """Max |logits(ours) - logits(transformers)| in fp32 on random tokens, both from the exported (rounded) weights,
+    over the tokenizer's ids; inf if the padded ids beyond them do not all get -inf."""
     from transformers import AutoModelForCausalLM
 
-    exported = DTYPES[json.loads((out / "config.json").read_text())["dtype"]]
-    ours = cast_weights(cast_weights(ours, exported), torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    vocab = config["tokenizer_vocab_size"]
+    ours = cast_weights(cast_weights(ours, DTYPES[config["dtype"]]), torch.float32)
     theirs = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32).eval()
-    ids = torch.randint(0, ours.cfg.vocab_size, (2, min(tokens, ours.cfg.max_seq_len)),
-                        generator=torch.Generator().manual_seed(0))
-    return (ours(ids) - theirs(ids).logits).abs().max().item()
+    ids = torch.randint(0, vocab, (2, min(tokens, ours.cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+    theirs_BNV = theirs(ids).logits
+    if not bool((theirs_BNV[..., vocab:] == float("-inf")).all()):
+        return float("inf")
+    return (ours(ids)[..., :vocab] - theirs_BNV[..., :vocab]).abs().max().item()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -107,6 +207,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         if args.dtype not in DTYPES:
             raise ValueError(f"--dtype={args.dtype} is not one of {', '.join(DTYPES)}")
+        if args.verify:  # before any work: the export itself needs torch and tokenizers only
+            require_transformers()
         ckpt = checkpoint_dir(args.checkpoint)
         out = export(ckpt, Path(args.out), DTYPES[args.dtype], args.tokenizer)
     except ValueError as e:  # user errors: one line, no traceback

@@ -1,15 +1,17 @@
-"""Configuration of an exported DIFF V2 / baseline / DIFF V1 decoder (loaded with trust_remote_code=True).
+"""Configuration of an exported DIFF V2 / baseline / DIFF V1 (dense or MoE) decoder (trust_remote_code=True).
 
 Written next to model.safetensors by `python -m diffv2.export_hf`; self-contained: imports only transformers.
 Field meanings follow the training framework's ModelConfig (its name in brackets).
 """
+
+from typing import Optional
 
 from transformers import PretrainedConfig
 
 
 class DiffV2Config(PretrainedConfig):
     model_type = "diffv2"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache: its transformers 5 and 4 names
 
     def __init__(
         self,
@@ -32,6 +34,15 @@ class DiffV2Config(PretrainedConfig):
         rope_style: str = "interleaved",  # [attention.rope_style] interleaved (GPT-J) | half (NeoX)
         rope_theta: float = 10000.0,  # [attention.rope_theta]
         tie_word_embeddings: bool = False,  # [tie_embeddings]
+        tokenizer_vocab_size: Optional[int] = None,  # the tokenizer's ids; logits of ids >= it are -inf (None: none)
+        num_experts: int = 0,  # [moe.n_experts] routed experts per block; 0 = dense SwiGLU blocks
+        num_experts_per_tok: int = 2,  # [moe.top_k]
+        moe_intermediate_size: int = 256,  # [moe.expert_hidden] SwiGLU width of each expert
+        num_shared_experts: int = 0,  # [moe.n_shared_experts] always-on experts of moe_intermediate_size each
+        moe_router: str = "softmax",  # [moe.router] softmax | sigmoid scores, top-k, renormalised
+        moe_router_bias: bool = False,  # [moe.balance == aux_free] expert_bias added to the scores to select only
+        moe_capacity_factor: float = 0.0,  # [moe.capacity_factor] 0 = dropless
+        use_cache: bool = True,  # forward keeps a KV cache by default (generate() decodes with it)
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -52,4 +63,13 @@ class DiffV2Config(PretrainedConfig):
         self.qk_norm = qk_norm
         self.rope_style = rope_style
         self.rope_theta = rope_theta
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_shared_experts = num_shared_experts
+        self.moe_router = moe_router
+        self.moe_router_bias = moe_router_bias
+        self.moe_capacity_factor = moe_capacity_factor
+        self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
