@@ -1,4 +1,10 @@
-"""The comparison report's figures. Each returns a Section, or None when no run logged the data it needs."""
+"""The comparison report's figures. Each returns a Section, or None when no run logged the data it needs.
+
+Every step axis has integer ticks (a step is an integer; matplotlib would otherwise tick 2.25, 2.5, ... on a short
+run). A series over steps with fewer than SHORT_SERIES readings is drawn with markers: a line through one reading
+draws nothing, and with a few readings the reader should see where they are. Training loss with fewer readings is
+drawn raw only: an EMA over so few points is no smoother, and would look like data.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,13 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from monitoring.plots import draw_heatmap, ema, plt
 from monitoring.run_data import RunData
 
 COLORS = plt.get_cmap("tab10").colors
+SHORT_SERIES = 20  # series over steps with fewer readings get markers (and training loss is not smoothed)
 
 
 @dataclass
@@ -27,6 +35,18 @@ def _color(runs: list[RunData], run: RunData):
 
 def _label(run: RunData) -> str:
     return f"{run.name} ({run.variant})"
+
+
+def _dots(n: int, ms: float = 4) -> dict:
+    """Line2D keywords for a series of n readings: markers when it is short."""
+    return {"marker": "o", "ms": ms} if n < SHORT_SERIES else {}
+
+
+def _step_axis(ax) -> None:
+    """An x axis of training steps: labelled, integer ticks only (min_n_ticks=1: else a view around one reading,
+    which holds a single integer, falls back to fractional ticks)."""
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _smooth_weight(n: int) -> float:
@@ -54,23 +74,35 @@ def loss(runs: list[RunData], out: Path) -> Optional[Section]:
     have_val = [r for r in runs if r.has("train/val_loss")]
     fig, axes = plt.subplots(1, 2 if have_val else 1, figsize=(12 if have_val else 7, 4), squeeze=False)
     ax = axes[0, 0]
+    short = False
     for run in runs:
         steps, values = run.series("train/loss")
         c = _color(runs, run)
-        ax.plot(steps, values, color=c, alpha=0.3, lw=1)
-        ax.plot(steps, ema(values, _smooth_weight(len(values))), color=c, lw=2, label=_label(run))
+        if not len(values):
+            continue
+        if len(values) < SHORT_SERIES:  # too few readings to smooth: the raw ones, marked
+            short = True
+            ax.plot(steps, values, color=c, lw=1.5, label=_label(run), **_dots(len(values)))
+        else:
+            ax.plot(steps, values, color=c, alpha=0.3, lw=1)
+            ax.plot(steps, ema(values, _smooth_weight(len(values))), color=c, lw=2, label=_label(run))
         _markers(ax, runs, run, "loss")
-    ax.set(title="training loss (thin: raw, thick: smoothed)", xlabel="step", ylabel="cross-entropy")
+    smoothed = any(len(r.series("train/loss")[1]) >= SHORT_SERIES for r in runs)
+    legend = (["thin: raw, thick: smoothed"] * smoothed
+              + [f"with markers: raw, < {SHORT_SERIES} readings, not smoothed"] * short)
+    ax.set(title="training loss" + (f" ({'; '.join(legend)})" if legend else ""), ylabel="cross-entropy")
+    _step_axis(ax)
     ax.legend()
     if have_val:
         ax = axes[0, 1]
         for run in have_val:
             steps, values = run.series("train/val_loss")
             ax.plot(steps, values, "o-", color=_color(runs, run), label=_label(run))
-        ax.set(title="validation loss", xlabel="step", ylabel="cross-entropy")
+        ax.set(title="validation loss", ylabel="cross-entropy")
+        _step_axis(ax)
         ax.legend()
-    return Section("Loss", "Training loss raw and smoothed (EMA), spike events marked with x; validation loss.",
-                   _save(fig, out, "loss"))
+    return Section("Loss", f"Training loss raw and smoothed (EMA; runs with fewer than {SHORT_SERIES} readings: raw, "
+                   "each reading marked), spike events marked with x; validation loss.", _save(fig, out, "loss"))
 
 
 def grad_norm(runs: list[RunData], out: Path) -> Optional[Section]:
@@ -79,9 +111,10 @@ def grad_norm(runs: list[RunData], out: Path) -> Optional[Section]:
     fig, ax = plt.subplots(figsize=(9, 4))
     for run in runs:
         steps, values = run.series("grad/norm")
-        ax.plot(steps, values, color=_color(runs, run), lw=1.2, label=_label(run))
+        ax.plot(steps, values, color=_color(runs, run), lw=1.2, label=_label(run), **_dots(len(values)))
         _markers(ax, runs, run, "grad_norm")
-    ax.set(title="global gradient norm (pre-clip)", xlabel="step", ylabel="grad norm", yscale="log")
+    ax.set(title="global gradient norm (pre-clip)", ylabel="grad norm", yscale="log")
+    _step_axis(ax)
     ax.legend()
     return Section("Gradient norm", "Global grad norm before clipping at logging steps; x marks the value of each "
                    "step the spike detector flagged (those may fall between logging steps).",
@@ -95,11 +128,13 @@ def spikes(runs: list[RunData], out: Path) -> Optional[Section]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for run in have:
         c = _color(runs, run)
-        axes[0].step(*run.series("spike/count"), where="post", color=c, label=_label(run))
-        axes[1].plot(*run.series("spike/score"), color=c, label=_label(run))
-    axes[0].set(title="spike steps so far", xlabel="step", ylabel="count")
-    axes[1].set(title="spike score (share of spike steps, rolling)", xlabel="step", ylabel="score")
+        count, score = run.series("spike/count"), run.series("spike/score")
+        axes[0].step(*count, where="post", color=c, label=_label(run), **_dots(len(count[0])))
+        axes[1].plot(*score, color=c, label=_label(run), **_dots(len(score[0])))
+    axes[0].set(title="spike steps so far", ylabel="count")
+    axes[1].set(title="spike score (share of spike steps, rolling)", ylabel="score")
     for ax in axes:
+        _step_axis(ax)
         ax.legend()
     return Section("Loss spikes", "Cumulative spike steps (loss or grad norm) and the rolling spike score.",
                    _save(fig, out, "spikes"))
@@ -115,7 +150,8 @@ def _per_layer_over_time(runs, out, family: str, name: str, title: str, ylabel: 
         cmap = plt.get_cmap("viridis")
         for i, (layer, key) in enumerate(layers.items()):
             ax.plot(*run.series(key), color=cmap(i / max(1, len(layers) - 1)), marker=".", label=f"layer {layer}")
-        ax.set(title=f"{_label(run)}", xlabel="step", ylabel=ylabel)
+        ax.set(title=f"{_label(run)}", ylabel=ylabel)
+        _step_axis(ax)
         if len(layers) <= 12:
             ax.legend(ncol=2)
     fig.suptitle(title)
@@ -194,12 +230,16 @@ def lambdas(runs, out):
         axes[0].plot(layers, p50, "o-", color=c, label=f"{run.name}: median")
         axes[0].plot(layers, run.last_per_layer(fam + "_mean")[1], "s--", color=c, ms=4, label=f"{run.name}: mean")
         means = [run.series(k) for k in run.layer_keys(fam + "_mean").values()]
-        axes[1].plot(means[0][0], np.mean([m[1] for m in means], axis=0), color=c, label=f"{_label(run)}: σ(λ) mean")
+        axes[1].plot(means[0][0], np.mean([m[1] for m in means], axis=0), color=c, label=f"{_label(run)}: σ(λ) mean",
+                     **_dots(len(means[0][0])))
     for run in v1:
         for layer, key in run.layer_keys("attn/lambda_v1").items():
-            axes[1].plot(*run.series(key), ls="--", color=_color(runs, run), label=f"{run.name}: V1 λ layer {layer}")
+            steps, values = run.series(key)
+            axes[1].plot(steps, values, ls="--", color=_color(runs, run), label=f"{run.name}: V1 λ layer {layer}",
+                         **_dots(len(steps)))
     axes[0].set(title="σ(λ) over tokens and heads per layer (last reading)", xlabel="layer", ylabel="σ(λ)")
-    axes[1].set(title="λ over training (DIFF V2: mean σ(λ) over layers)", xlabel="step", ylabel="value")
+    axes[1].set(title="λ over training (DIFF V2: mean σ(λ) over layers)", ylabel="value")
+    _step_axis(axes[1])
     axes[0].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.legend()
@@ -238,10 +278,12 @@ def moe(runs, out):
         c = _color(runs, run)
         for family, ax in (("moe/imbalance", axes[0]), ("moe/dead_experts", axes[1])):
             series = [run.series(k) for k in run.layer_keys(family).values()]
-            ax.plot(series[0][0], np.mean([s[1] for s in series], axis=0), color=c, label=_label(run))
-    axes[0].set(title="load imbalance max/mean (mean over layers)", xlabel="step", ylabel="max / mean")
-    axes[1].set(title="dead experts per layer (mean over layers)", xlabel="step", ylabel="experts")
+            ax.plot(series[0][0], np.mean([s[1] for s in series], axis=0), color=c, label=_label(run),
+                    **_dots(len(series[0][0])))
+    axes[0].set(title="load imbalance max/mean (mean over layers)", ylabel="max / mean")
+    axes[1].set(title="dead experts per layer (mean over layers)", ylabel="experts")
     for ax in axes:
+        _step_axis(ax)
         ax.legend()
     return Section("MoE balance", "Tokens-per-expert imbalance and experts that received no token.",
                    _save(fig, out, "moe"))
@@ -254,7 +296,8 @@ def throughput(runs, out):
     fig, ax = plt.subplots(figsize=(9, 3.5))
     for run in have:
         ax.plot(*run.series("perf/tokens_per_s"), "o-", color=_color(runs, run), ms=3, label=_label(run))
-    ax.set(title="throughput", xlabel="step", ylabel="tokens / s")
+    ax.set(title="throughput", ylabel="tokens / s")
+    _step_axis(ax)
     ax.legend()
     return Section("Throughput", "Training tokens per second per logging window.", _save(fig, out, "throughput"))
 
