@@ -26,6 +26,7 @@ from diffv2.signals import SignalLatch
 SIGNALS = SignalLatch().install() if __name__ == "__main__" else None
 
 import logging  # noqa: E402
+import re  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -34,7 +35,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from diffv2.config import Config, register_configs, validate  # noqa: E402
+from diffv2.config import Config, register_configs, run_name_problem, unknown_keys, validate  # noqa: E402
 
 # megatron-core announces at import that optional NVIDIA extensions are absent; nothing here uses them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -80,10 +81,11 @@ def main(dcfg: DictConfig) -> dict:
     if (code := summary.get("exit_code")) is not None:  # stopped by a signal: run again to resume
         sys.exit(code)
     if "already_finished" in summary:
-        log.info("already finished at step %d: train loss %.4f, validation loss %.4f | run dir %s | checkpoint %s | "
-                 "metrics %s (raise trainer.max_steps in a new run_name to train longer)", summary["already_finished"],
-                 summary.get("train/loss", float("nan")), summary.get("train/val_loss", float("nan")),
-                 summary["run_dir"], summary.get("checkpoint"), summary["metrics"])
+        losses = ", ".join(f"{name} {summary[key]:.4f}" for key, name in (("train/loss", "train loss"),
+                           ("train/val_loss", "validation loss")) if key in summary) or "no losses logged"
+        log.info("already finished at step %d: %s | run dir %s | checkpoint %s | metrics %s (raise trainer.max_steps "
+                 "to train longer)", summary["already_finished"], losses, summary["run_dir"], summary.get("checkpoint"),
+                 summary["metrics"])
         return summary
     log.info(
         "done: train loss %.4f, validation loss %.4f | run dir %s | checkpoint %s | metrics %s",
@@ -141,19 +143,33 @@ def compose_error(overrides: list[str]) -> Optional[str]:
 
     if any(arg.startswith("-") for arg in overrides):
         return None
+    for arg in overrides:  # Hydra's lexer reports these as "LexerNoViableAltException: ...; ^"
+        if not arg.isascii() and "'" not in arg and '"' not in arg:
+            key = arg.split("=", 1)[0]
+            return (f"{arg}: a value with non-ASCII characters must be quoted for Hydra ({key}='...')"
+                    + ("; run names are limited to ASCII letters, digits and . _ + - anyway" if key == "run_name"
+                       else ""))
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+            composed = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
     except MissingConfigException as e:
-        options = ", ".join(o for o in e.options or [] if o != "schema")
+        options = ", ".join(o for o in e.options or [] if o not in ("schema", "suite"))
         return f"{str(e).splitlines()[0]} (options: {options})"
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         text = "\n".join(str(x) for x in (e, e.__cause__) if x is not None)
+        if missing := re.search(r"Environment variable '(\w+)' not found", text):
+            key = getattr(e.__cause__ or e, "full_key", None) or "a config value"
+            also = " or DIFFV2_CACHE=DIR" if key == "data.cache_dir" else ""
+            return (f"{key}: the environment variable {missing.group(1)} is not set and {key} defaults to a path "
+                    f"under it; set {missing.group(1)}{also}, or give {key}=DIR")
         lines = [ln.strip().rstrip(".") for ln in text.splitlines() if ln.strip()]
         message = "; ".join(ln for ln in lines if not ln.startswith(HYDRA_BOILERPLATE))
         key = getattr(e.__cause__ or e, "full_key", None)
         return message if not key or key in message else f"{key}: {message}"
-    return None
+    if unknown := unknown_keys(composed, Config):
+        return (f"unknown config key {unknown[0]} (from an override with '+'; the schema in diffv2/config.py has no "
+                f"such key): check its spelling, `python train.py --cfg job` lists every key")
+    return run_name_problem(composed["run_name"])
 
 
 if __name__ == "__main__":

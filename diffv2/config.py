@@ -6,6 +6,8 @@ see before start-up into one ValueError line that names the key, the value and t
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -22,6 +24,7 @@ MOE_EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 @dataclass
 class AttentionConfig:
+    name: str = "${.variant}"  # the preset's name (configs/attention/), carried by run names; default: the variant
     variant: str = "diffv2"  # diffv2 | baseline | diffv1 (spec §2, §4, §3)
     head_multiplier: float = 1.0  # baseline only: query heads = multiplier*h (1.5 = ablation 4, 2.0 = 2h baseline)
     pairing: str = "interleave"  # diffv2 only: interleave = pairs (2i, 2i+1) per spec §2.4; half_split = ablation 1
@@ -112,6 +115,8 @@ class TrainerConfig:
     ckpt_interval: int = 100  # steps between checkpoints (0 = only at the end, -1 = never)
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "auto"  # auto (latest valid checkpoint in the run dir) | none | path to a checkpoint
+    init_from: Optional[str] = None  # a fresh run starts from these weights: a safetensors state dict (python -m
+    # diffv2.weights export) or an HF export directory; ignored when resuming from a checkpoint
     compile: bool = False  # torch.compile each block
     bf16_weights: bool = False  # bf16 Linear weights cast once per optimizer step, not per micro-batch (one process,
     # bf16 autocast; see diffv2/compute_weights.py)
@@ -259,7 +264,7 @@ class MonitoringConfig:
 @dataclass
 class Config:
     seed: int = 0  # seeds model init, data shuffling and every RNG
-    run_name: str = "${model.name}-${model.attention.variant}-s${seed}"  # run directory name under runs/
+    run_name: str = "${model.name}-${model.attention.name}-s${seed}"  # run directory name under runs/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -282,6 +287,33 @@ def register_configs() -> None:
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="logging", name="schema", node=LoggingConfig)
     cs.store(group="monitoring", name="schema", node=MonitoringConfig)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
+
+def run_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be a run directory under runs/ (one line), or None."""
+    if not RUN_NAME.fullmatch(str(name)) or ".." in str(name):
+        return (f"run_name={name!r} must be 1-200 ASCII letters, digits and . _ + - (starting with a letter or digit, "
+                f"no '..'): it names a directory under runs/")
+    return None
+
+
+def unknown_keys(container: dict, schema: type, prefix: str = "") -> list[str]:
+    """Keys of a composed config (a plain dict) that the dataclass schema does not define, dotted, nested too."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key, value in container.items():
+        if key not in names:
+            found.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and dataclasses.is_dataclass(hints.get(key)):
+            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return found
 
 
 def _choice(key: str, value: str, options: tuple) -> None:
@@ -364,8 +396,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     validate_moe(m)
     validate_monitoring(cfg.monitoring)
+    if problem := run_name_problem(cfg.run_name):
+        raise ValueError(problem)
     if t.resume not in ("auto", "none") and not t.resume:
         raise ValueError("trainer.resume must be auto, none or a checkpoint path")
+    if t.init_from:
+        if not os.path.exists(os.path.expanduser(t.init_from)):
+            raise ValueError(f"trainer.init_from={t.init_from} does not exist; give a safetensors file written by "
+                             f"`python -m diffv2.weights export` or an HF export directory")
+        if cfg.parallel.meta_init:
+            raise ValueError("trainer.init_from loads whole weights into the model before sharding; set "
+                             "parallel.meta_init=false (or resume from a DCP checkpoint instead)")
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:

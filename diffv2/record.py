@@ -12,6 +12,12 @@ from pathlib import Path
 
 import torch
 
+# The trainer's console lines (`step N | loss ...`): the progress bar's writer prints them; this logger puts them in
+# train.log too, and nowhere else (no propagation to the console handlers).
+PROGRESS = logging.getLogger("diffv2.progress")
+PROGRESS.propagate = False
+PROGRESS.setLevel(logging.INFO)
+
 PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "megatron-core", "wandb", "tokenizers", "deepspeed",
             "flash-attn", "flash-attn-4", "nvidia-cutlass-dsl")
 
@@ -60,3 +66,4 @@ def _log_to_file(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root.addHandler(handler)
+    PROGRESS.handlers = [h for h in PROGRESS.handlers if not isinstance(h, logging.FileHandler)] + [handler]

@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffv2 import checkpoint, faults
 from diffv2.compute_weights import ComputeWeights
@@ -35,7 +36,7 @@ from diffv2.preempt import PreemptionCallback, SignalLatch, ignore_stop_signals,
 from diffv2.profiling import ProfilerCallback
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.engine import build_engine
-from diffv2.record import write_record
+from diffv2.record import PROGRESS, write_record
 from diffv2.run_lock import RunLock
 from monitoring.build import build_monitors
 from monitoring.callback import StepResult, TrainContext, to_host
@@ -73,6 +74,7 @@ class Trainer:
         t = cfg.trainer
         self.preemption = PreemptionCallback(t.preempt_check_interval, t.requeue, latch=signals)
         self.lock: Optional[RunLock] = None
+        self.replanned_from: Optional[int] = None  # the checkpoint's planned train samples, when max_steps changed
         want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
             raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
@@ -94,6 +96,10 @@ class Trainer:
             raise ValueError("trainer.bf16_weights=true works in one process with the plain engine (FSDP2's "
                              "MixedPrecisionPolicy does this job on several GPUs); drop trainer.bf16_weights")
         self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        if cfg.optim.warmup_steps > t.max_steps:
+            log.warning("optim.warmup_steps=%d is longer than trainer.max_steps=%d: the learning rate never reaches "
+                        "optim.lr=%g; shorten the warm-up or train longer", cfg.optim.warmup_steps, t.max_steps,
+                        cfg.optim.lr)
         self.ckpt_root = run_dir / "checkpoints"
         # Before any allocation: a model or batch that cannot fit. Every rank checks its own device and host.
         fits = _outcome(lambda: check_fits(cfg, self.device, self.env.world_size, self.env.local_world_size,
@@ -143,23 +149,49 @@ class Trainer:
             raise ValueError(f"trainer.resume={mode}: checkpoint is not usable ({problem})")
         return path
 
+    def _announce_continuation(self, meta: dict, train_ds, tokenizer) -> None:
+        """trainer.max_steps changed since the checkpoint (a finished run continued, or a plan shortened): the data
+        is megatron's order for the new total. It keeps the samples already read where the corpus's epoch count did
+        not change (always below one epoch); the last global batch read tells."""
+        from data.dataset import build_datasets
+
+        t, step = self.cfg.trainer, meta["step"]
+        old = build_datasets(self.cfg.data, self.cfg.seed, tokenizer, 0, 1,
+                             num_samples={"train": self.replanned_from, "valid": 0})[0]
+        new, last = train_ds.global_view(), range((step - 1) * t.global_batch_size, step * t.global_batch_size)
+        same = step == 0 or all(torch.equal(old[i], new[i]) for i in last)
+        log.warning("trainer.max_steps is now %d (the checkpoint at step %d planned %d samples, this run %d): the "
+                    "learning-rate schedule is re-planned for %d steps and %s", t.max_steps, step, self.replanned_from,
+                    t.max_steps * t.global_batch_size, t.max_steps,
+                    "the data continues in the same order" if same else
+                    "megatron's sample order for the new total differs from the old one (the corpus is read a "
+                    "different number of epochs), so the continued run reads the new order from sample "
+                    f"{step * t.global_batch_size} on and may revisit samples already trained on")
+
     def _check_compatible(self, meta: dict) -> None:
         from diffv2.config import MoEConfig
 
         # Checkpoints written before MoE support have no model.moe: they are dense.
         saved, now = {"moe": asdict(MoEConfig()), **meta["model"]}, asdict(self.cfg.model)
         diff = [k for k in now if k not in ("attention", "name") and saved.get(k) != now[k]]
-        diff += [f"attention.{k}" for k in now["attention"] if k != "backend" and saved["attention"].get(k) !=
-                 now["attention"][k]]
-        data_now = {"seq_len": self.cfg.data.seq_len, "seed": self.cfg.seed,
-                    "train_samples": self.cfg.trainer.max_steps * self.cfg.trainer.global_batch_size}
-        for key, value in data_now.items():
-            if meta.get(key, value) != value:  # megatron's sample order is a function of all three
+        diff += [f"attention.{k}" for k in now["attention"] if k not in ("backend", "name") and
+                 saved["attention"].get(k) != now["attention"][k]]
+        t = self.cfg.trainer
+        data_now = {"data.seq_len": ("seq_len", self.cfg.data.seq_len), "seed": ("seed", self.cfg.seed),
+                    "trainer.global_batch_size": ("samples_consumed", meta["step"] * t.global_batch_size)}
+        for name, (key, value) in data_now.items():
+            if meta.get(key, value) != value:  # megatron's sample order and the data position depend on these
+                saved = meta[key] if key != "samples_consumed" else meta[key] // max(meta["step"], 1)
                 raise ValueError(
-                    f"checkpoint {self.resume_from} was written with {key}={meta[key]}, this run has {value}; the data "
-                    f"order depends on it (train_samples = max_steps x global_batch_size), so resume with the original "
-                    f"settings or start a new run_name"
+                    f"checkpoint {self.resume_from} was written with {name}={saved}, this run has "
+                    f"{value if key != 'samples_consumed' else t.global_batch_size}; the data order depends on it, so "
+                    f"resume with the original settings or start a new run_name"
                 )
+        if meta["step"] > t.max_steps:
+            raise ValueError(f"checkpoint {self.resume_from} is at step {meta['step']}, past trainer.max_steps="
+                             f"{t.max_steps}; raise trainer.max_steps to continue it or start a new run_name")
+        planned = meta.get("train_samples", t.max_steps * t.global_batch_size)
+        self.replanned_from = planned if planned != t.max_steps * t.global_batch_size else None
         if meta.get("ep", 1) != self.cfg.parallel.ep or meta.get("engine", "fsdp") != self.cfg.parallel.engine:
             raise ValueError(
                 f"checkpoint {self.resume_from} was written with parallel.engine={meta.get('engine', 'fsdp')} "
@@ -191,11 +223,6 @@ class Trainer:
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else None
         if meta:
             self._check_compatible(meta)
-            if meta["step"] >= t.max_steps:  # nothing to train: report the finished run, write nothing
-                self.preemption.on_train_end()
-                return {"run_dir": str(self.run_dir), "already_finished": meta["step"], "checkpoint":
-                        str(self.resume_from), "metrics": str(self.run_dir / "metrics.jsonl"),
-                        **final_numbers(self.run_dir / "metrics.jsonl")}
         seed_everything(cfg.seed)
         if self.device.type == "cpu" and t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -206,12 +233,24 @@ class Trainer:
             num_samples={"train": t.max_steps * t.global_batch_size,
                          "valid": t.eval_batches * t.micro_batch_size},
         )
+        if meta and self.replanned_from is not None and meta["step"] < t.max_steps:
+            self._announce_continuation(meta, train_ds, tokenizer)
+        if meta and meta["step"] >= t.max_steps:  # every input checked, nothing to train: report it, write nothing
+            self.preemption.on_train_end()
+            return {"run_dir": str(self.run_dir), "already_finished": meta["step"], "checkpoint":
+                    str(self.resume_from), "metrics": str(self.run_dir / "metrics.jsonl"),
+                    **final_numbers(self.run_dir / "metrics.jsonl")}
         backend = self.backend
         if cfg.parallel.meta_init:  # no memory until the engine has sharded it (then model.materialize)
             with torch.device("meta"):
                 model = Transformer(cfg.model, backend)
         else:
             model = Transformer(cfg.model, backend).to(self.device)  # same seed on every rank: identical init
+        if t.init_from and not self.resume_from:  # a checkpoint, when there is one, holds newer weights
+            from diffv2.weights import load_initial_weights
+
+            load_initial_weights(model, t.init_from)
+            log.info("initial weights from %s", t.init_from)
         model.set_activation_checkpointing(cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
         if t.compile:
             for block in model.blocks:
@@ -272,6 +311,7 @@ class Trainer:
         saved = trainer_state.get("monitors", {})
         summary = {"run_dir": str(self.run_dir)}
         sink = bar = None
+        console = contextlib.ExitStack()
         started = []  # monitors whose on_train_start ran (the preemption callback first)
         try:
             for m in monitors:
@@ -292,7 +332,9 @@ class Trainer:
             bar = tqdm(total=t.max_steps, initial=step, disable=not (cfg.logging.progress and self.rank0),
                        unit="step", dynamic_ncols=True)
             ce_sum, window_steps = torch.zeros((), device=self.device), 0
-            say = bar.write if self.rank0 else (lambda _: None)  # console lines once, from rank 0
+            if not bar.disable:  # log lines go through the bar's writer: one coherent console stream
+                console.enter_context(logging_redirect_tqdm())
+            say = (lambda line: (bar.write(line), PROGRESS.info(line))) if self.rank0 else (lambda _: None)
             weights = (ComputeWeights(_unwrapped(model), self.autocast_dtype, t.fused_wgrad) if t.bf16_weights
                        else None)
             observed = cfg.monitoring.observed_micro_batches
@@ -405,6 +447,7 @@ class Trainer:
             # before the monitors' end (the requeue): `scontrol requeue` makes SLURM SIGTERM the whole job step
             sink.finish()
         finally:
+            console.close()
             if bar is not None:
                 bar.close()
             batches = loader = None  # the only references: DataLoader workers shut down now, on errors too

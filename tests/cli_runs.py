@@ -23,10 +23,9 @@ from typing import Callable, Optional
 import torch
 
 from test_train import SMALL
+from watched import HANG_S, STALL_S, run_watched  # noqa: F401 - re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
-STALL_S = 900  # seconds without a line of output: hung (a tiny run prints every few seconds even on a busy machine)
-HANG_S = 1800  # whole-run guard where the output cannot be watched line by line: minutes of work take seconds
 ENV = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1",
        "OMP_NUM_THREADS": "1"}
 
@@ -44,38 +43,6 @@ def train(run_dir: Path, cache: Path, *overrides: str, fault: Optional[str] = No
           env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run train.py to its end (or its death); DIFFV2_FAULT=`fault` arms a test hook (diffv2/faults.py)."""
     return run_watched(train_cmd(run_dir, cache, *overrides), env=_env(fault, env))
-
-
-def run_watched(cmd: list[str], env: Optional[dict] = None, cwd: Path = ROOT, stall_s: float = STALL_S,
-                on_line: Optional[Callable[[str, subprocess.Popen], None]] = None,
-                **popen) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd, capture_output=True, text=True), killed only when it prints nothing (stdout or stderr)
-    for `stall_s` seconds (then TimeoutError). `on_line(line, proc)` sees every stdout line as it comes."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
-    out, err, last = [], [], [time.monotonic()]
-
-    def pump(stream, sink, callback):
-        for line in stream:
-            sink.append(line)
-            last[0] = time.monotonic()
-            if callback is not None:
-                callback(line, proc)
-
-    readers = [threading.Thread(target=pump, args=(proc.stdout, out, on_line), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err, None), daemon=True)]
-    for r in readers:
-        r.start()
-    while proc.poll() is None:
-        if time.monotonic() - last[0] > stall_s:
-            proc.kill()
-            proc.wait()
-            raise TimeoutError(f"{' '.join(map(str, cmd[:4]))} ... printed nothing for {stall_s:.0f} s (hung?); "
-                               f"last output:\n{''.join((out + err)[-20:])}")
-        time.sleep(0.05)
-    for r in readers:
-        r.join()
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
 
 
 def train_killed_after(run_dir: Path, cache: Path, step: int, *overrides: str) -> subprocess.CompletedProcess:

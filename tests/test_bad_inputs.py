@@ -169,7 +169,9 @@ CLI_CASES = {
     # checkpoints
     "vocabulary differing from the checkpoint": Case(["model.vocab_size=300"], "different model (vocab_size differ"),
     "resume with a changed model shape": Case(["model.n_layers=3"], "different model (n_layers differ"),
-    "resume with a changed data order": Case(["trainer.max_steps=6"], "train_samples=32, this run has 48"),
+    "resume with a changed data position": Case(["trainer.global_batch_size=16"],
+                                                "written with trainer.global_batch_size=8, this run has 16"),
+    "resume with a changed data order": Case(["seed=5"], "written with seed=0, this run has 5"),
     "resume from a nonexistent path": Case(["trainer.resume={data}/nope"], "nope: checkpoint is not usable (not a "),
     "resume from a damaged checkpoint": Case(["trainer.resume={run}/checkpoints/step_00000004"],
                                              "checkpoint is not usable (__0_0.distcp checksum mismatch)",

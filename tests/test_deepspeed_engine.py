@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from watched import run_watched
 from diffv2.config import Config, ModelConfig, MoEConfig  # noqa: E402
 from diffv2.model import Transformer  # noqa: E402
 from diffv2.optim import build_optimizer, lr_at, set_lr  # noqa: E402
@@ -50,7 +51,7 @@ RUNS = [("zero1", 1, "fp32", False, {}), ("zero2", 2, "fp32", False, {}),
 # ZeRO-Offload steps with DeepSpeedCPUAdam, whose C++ op takes ~4.5 minutes to build on the 2-core CI box: opt-in.
 OFFLOAD_RUNS = [("zero2_offload", 2, "fp32", True, {}), ("zero3_offload", 3, "fp32", True, {})]
 RUN_OFFLOAD = os.environ.get("DIFFV2_TEST_OFFLOAD") == "1"
-SPAWN_TIMEOUT_S = 420
+SPAWN_TIMEOUT_S = 1800  # a hang guard for the whole spawn (~1-2 minutes on two idle cores), not a time limit
 
 
 def make_cfg(stage: int = 2, precision: str = "fp32", offload: bool = False, **model) -> Config:
@@ -451,8 +452,7 @@ def test_one_process_without_launcher():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "OMPI_COMM_WORLD_SIZE")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", SINGLE], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
+    proc = run_watched([sys.executable, "-c", SINGLE], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["dp"] == [0, 1] and out["describe"] == "DeepSpeed ZeRO-3 (fp32), 1 ranks"

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data.tokenizer import ByteTokenizer  # noqa: E402
+from watched import run_watched
 from diffv2.config import MoEConfig  # noqa: E402
 from diffv2.export_hf import REMOTE_FILES, main as export_main, verify, write_hf  # noqa: E402
 from diffv2.generate import Sampling, generate, main as generate_main  # noqa: E402
@@ -336,8 +337,7 @@ def test_export_needs_only_torch_and_verify_names_the_extra(tied_run, tmp_path):
     def export(out: Path, *extra: str) -> subprocess.CompletedProcess:
         code = blocked + (f"from diffv2.export_hf import main; main(['--checkpoint', {str(tied_run)!r}, "
                           f"'--out', {str(out)!r}{''.join(f', {a!r}' for a in extra)}])")
-        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                              env={**os.environ, "WANDB_MODE": "disabled"})
+        return run_watched([sys.executable, "-c", code], env={**os.environ, "WANDB_MODE": "disabled"})
 
     proc = export(tmp_path / "verified", "--verify")
     assert proc.returncode == 2, proc.stderr

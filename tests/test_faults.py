@@ -130,8 +130,10 @@ def run_chain(run_dir: Path, cache: Path, attempts: list[Attempt]) -> list[Outco
             proc = train_killed_after(run_dir, cache, attempt.kill_after_step, *RUN)
         else:
             proc = train(run_dir, cache, *RUN, fault=attempt.fault)
-        resumed = re.search(r"resumed from \S+step_(\d+) at step", proc.stdout)
-        outcomes.append(Outcome(attempt, proc, int(resumed.group(1)) if resumed else None,
+        # a rerun of a finished run resumes nothing: it names the finished checkpoint it found
+        resumed = re.search(r"resumed from \S+step_(\d+) at step|already finished at step \d+: .* \| checkpoint "
+                            r"\S+step_(\d+)", proc.stdout)
+        outcomes.append(Outcome(attempt, proc, int(resumed.group(1) or resumed.group(2)) if resumed else None,
                                 newest_valid_step(ckpt_root), sorted(p.name for p in ckpt_root.glob(".tmp_*"))))
     return outcomes
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from watched import run_watched
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.generate import Sampling, generate, main as generate_main, sample  # noqa: E402
 from diffv2.inference import cast_weights  # noqa: E402
@@ -340,8 +341,7 @@ TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_h
 def train_tiny(run_dir: Path, cache: Path, *overrides: str) -> Path:
     """A real 4-step run of train.py; returns its checkpoint directory."""
     cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", *TINY, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_watched(cmd, env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir / "checkpoints" / "step_00000004"
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from watched import run_watched
 from diffv2.config import Config, ModelConfig, MoEConfig, register_configs, validate
 from diffv2.flops import count
 from diffv2.model import Transformer
@@ -407,7 +408,7 @@ def _train_moe_tiny(run_dir: Path, cache: Path) -> list[dict]:
            "trainer.log_interval=1", "logging.progress=false", "data.num_workers=0", "monitoring.moe.interval=2",
            "optim.warmup_steps=2", "trainer.ckpt_interval=3", "trainer.eval_interval=-1",
            "model.moe.balance=aux_free"]  # also exercises the trainer's bias update after optimizer.step
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_watched(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

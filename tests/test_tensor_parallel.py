@@ -29,7 +29,7 @@ from diffv2.config import AttentionConfig, ModelConfig, MoEConfig  # noqa: E402
 from diffv2.parallel.tensor import validate_tp  # noqa: E402
 
 TP = 2
-TIMEOUT_S = 150  # the whole spawn; a hung collective fails the test instead of blocking CI
+TIMEOUT_S = 1800  # the whole spawn (well under a minute on two idle cores): a hang guard, not a time limit
 
 
 def tiny_cfg(variant="diffv2", n_heads=4, n_kv_heads=2, **attn) -> ModelConfig:

@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from watched import run_watched
 from diffv2 import checkpoint
 from diffv2.config import Config, register_configs, validate
 
@@ -37,7 +38,7 @@ def compose_cfg(*overrides: str) -> Config:
 def run_train(run_dir: Path, cache: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", *SMALL, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_watched(cmd, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -177,12 +178,30 @@ def test_changed_model_shape_refuses_to_resume(finished_run, tmp_path, data_cach
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
-def test_changed_data_order_refuses_to_resume(finished_run, tmp_path, data_cache):
-    """max_steps x global_batch_size sizes megatron's shuffle: a different value would silently change the data."""
+def test_raising_max_steps_continues_a_finished_run(finished_run, tmp_path, data_cache):
+    """A finished run continues when trainer.max_steps is raised: steps 13-14 are trained from the step-12
+    checkpoint, the earlier rows stay as they were, and the run says how the schedule and the data order go on."""
     run_dir = tmp_path / "longer"
     shutil.copytree(finished_run, run_dir)
-    proc = run_train(run_dir, data_cache, "trainer.max_steps=14", check=False)
-    assert proc.returncode == 2 and "train_samples=96" in proc.stderr.strip().splitlines()[-1]
+    before = read_metrics(run_dir)
+    proc = run_train(run_dir, data_cache, "trainer.max_steps=14", "trainer.log_interval=1")
+    text = proc.stdout + proc.stderr
+    assert "resumed from" in text and "at step 12" in text
+    assert "trainer.max_steps is now 14 (the checkpoint at step 12 planned 96 samples, this run 112)" in text
+    assert "learning-rate schedule is re-planned for 14 steps" in text
+    assert ("the data continues in the same order" in text) != ("may revisit samples already trained on" in text)
+    after = read_metrics(run_dir)
+    assert after[:len(before)] == before
+    assert [m["step"] for m in after[len(before):] if "train/loss" in m] == [13, 14]
+    assert checkpoint.read_meta(checkpoint.latest_valid(run_dir / "checkpoints"))["train_samples"] == 112
+
+
+def test_lowering_max_steps_below_the_checkpoint_is_refused(finished_run, tmp_path, data_cache):
+    run_dir = tmp_path / "shorter"
+    shutil.copytree(finished_run, run_dir)
+    proc = run_train(run_dir, data_cache, "trainer.max_steps=10", check=False)
+    assert proc.returncode == 2
+    assert "is at step 12, past trainer.max_steps=10; raise trainer.max_steps" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_baseline_runs_from_the_same_entry_point(tmp_path, data_cache):
@@ -282,7 +301,7 @@ def test_multirun_sweeps_attention_and_seed(tmp_path, data_cache):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "train.py", "-m", "attention=diffv2,baseline", "seed=0,1", f"hydra.sweep.dir={sweep}",
            f"data.cache_dir={data_cache}", *SMALL, "trainer.max_steps=2", "trainer.log_interval=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_watched(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
     assert names == ["tiny-baseline-s0", "tiny-baseline-s1", "tiny-diffv2-s0", "tiny-diffv2-s1"]
