@@ -7,6 +7,12 @@ Inputs: files or directories (walked recursively, sorted, hidden names skipped; 
 found in directories whose name matches one of the globs, e.g. `'*.rst.gz' '*.rst.txt'`). `*.jsonl` / `*.ndjson` hold one
 document per line in a string field (`--text-key`); every other file is one document. `.gz` works for both.
 Each document is followed by one EOD token. Output order is input order whatever the worker count.
+
+`--tokenizer bpe:N` trains a byte-level BPE on the inputs first and writes it twice: PREFIX.tokenizer.json (pass it
+as data.tokenizer) and PREFIX.tokenizer/, a Hugging Face tokenizer directory (the same tokenizer.json plus
+tokenizer_config.json and special_tokens_map.json naming eos = EOD and pad) that transformers' AutoTokenizer and
+Megatron-LM's `tools/preprocess_data.py --tokenizer-type HuggingFaceTokenizer --tokenizer-model PREFIX.tokenizer
+--append-eod` load; that tool then writes the same .bin/.idx bytes as this one (tests/test_weights_and_megatron.py).
 """
 
 from __future__ import annotations
@@ -182,7 +188,8 @@ def _tokenize(batches: Iterator[List[str]], spec: str, workers: int) -> Iterator
 
 
 def resolve_tokenizer_spec(spec: str, files: Sequence[str], out_prefix: str, text_key: str, errors: str) -> str:
-    """`bpe:N` trains a BPE on the inputs into PREFIX.tokenizer.json and returns that path; else `spec` as is."""
+    """`bpe:N` trains a BPE on the inputs into PREFIX.tokenizer.json (and the Hugging Face directory
+    PREFIX.tokenizer/) and returns that path; else `spec` as is."""
     if not spec.startswith("bpe:"):
         return spec
     try:
@@ -190,7 +197,7 @@ def resolve_tokenizer_spec(spec: str, files: Sequence[str], out_prefix: str, tex
     except ValueError:
         raise ValueError(f"bad tokenizer spec {spec!r} (give bpe:N with an integer vocabulary size N)") from None
     path = out_prefix + ".tokenizer.json"
-    train_bpe(_iter_corpus(files, text_key, errors, []), vocab_size, path)
+    train_bpe(_iter_corpus(files, text_key, errors, []), vocab_size, path).save_hf_dir(out_prefix + ".tokenizer")
     return path
 
 
@@ -278,7 +285,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--out", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json"
     )
     parser.add_argument(
-        "--tokenizer", default="byte", help="byte | path to tokenizer.json | bpe:VOCAB_SIZE (trains one)"
+        "--tokenizer", default="byte",
+        help="byte | path to tokenizer.json | bpe:VOCAB_SIZE (trains one: writes "
+        "PREFIX.tokenizer.json and the transformers/Megatron-LM tokenizer directory PREFIX.tokenizer/)",
     )
     parser.add_argument("--workers", type=int, default=2, help="tokenizer processes (1 = in this process)")
     parser.add_argument("--text-key", default="text", help="JSONL field holding the document text")

@@ -3,12 +3,19 @@
 
 `name` identifies the vocabulary, not the file location: it is written into every data manifest and compared
 at training time, so a tokenizer.json that was moved still matches and one that was edited does not.
+
+`save_hf_dir` writes a tokenizer.json as a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json) that `transformers.AutoTokenizer.from_pretrained(DIR)` loads with eos = our end-of-document
+token and pad = ours: what Megatron-LM's `tools/preprocess_data.py --tokenizer-type HuggingFaceTokenizer
+--tokenizer-model DIR --append-eod` needs (its `eod` is the tokenizer's `eos_token_id`, None without a config).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from collections import OrderedDict
 from typing import Iterable, List, Optional, Tuple
 
@@ -16,6 +23,10 @@ from typing import Iterable, List, Optional, Tuple
 EOD_CANDIDATES: Tuple[str, ...] = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 PAD_CANDIDATES: Tuple[str, ...] = ("<|pad|>", "<pad>", "[PAD]")
 NO_PAD = -1  # megatron-core's own "no pad token" id; never occurs in the data
+# transformers' "no limit" (tokenization_utils_base.VERY_LARGE_INTEGER): a data tokenizer encodes documents of any
+# length whole; the model's context is set at training time. A smaller value makes transformers warn on every document
+# longer than it (and Megatron-LM's preprocess_data.py tokenizes whole documents).
+NO_LENGTH_LIMIT = int(1e30)
 
 
 class Tokenizer:
@@ -98,6 +109,40 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
 
+    def hf_config(self, model_max_length: int = NO_LENGTH_LIMIT) -> dict:
+        """tokenizer_config.json for transformers' standard PreTrainedTokenizerFast (no custom code): eos = our
+        end-of-document token, pad = ours (eos when there is none), no bos; text that spells a special token stays
+        text (split_special_tokens), as `encode` does; left padding and no token_type_ids, as diffv2.export_hf."""
+        pad = self.pad if self.pad >= 0 else self.eod
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
+                "eos_token": self._tok.id_to_token(self.eod), "pad_token": self._tok.id_to_token(pad),
+                "padding_side": "left", "split_special_tokens": True,
+                "model_input_names": ["input_ids", "attention_mask"], "clean_up_tokenization_spaces": False,
+                "model_max_length": model_max_length}
+
+    def save_hf_dir(self, out_dir: str, model_max_length: int = NO_LENGTH_LIMIT) -> str:
+        """Write `out_dir`/ as a Hugging Face tokenizer directory: this tokenizer.json (byte for byte, so `name` is
+        the same whichever of the two files a run names), tokenizer_config.json and special_tokens_map.json. Built
+        under a temporary name and renamed into place (an older directory there is replaced). Returns `out_dir`."""
+        config = self.hf_config(model_max_length)
+        special = {k: config[k] for k in ("eos_token", "pad_token")}
+        out_dir = os.path.abspath(out_dir)
+        tmp = f"{out_dir}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
+        os.mkdir(tmp)  # created as any new directory (0777 less the umask), the files in it likewise
+        try:
+            shutil.copyfile(self.spec, os.path.join(tmp, "tokenizer.json"))
+            for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    json.dump(value, f, indent=2)
+                    f.write("\n")
+            if os.path.isdir(out_dir) and not os.path.islink(out_dir):
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
     """The embedding must have a row for every id the tokenizer can emit (larger is fine: padding for speed)."""
@@ -118,7 +163,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str) -> HFTokenizer:
-    """Train a byte-level BPE (GPT-2 style) on an iterable of documents; save tokenizer.json to `out_path`.
+    """Train a byte-level BPE (GPT-2 style) on an iterable of documents; save tokenizer.json to `out_path`
+    (`HFTokenizer.save_hf_dir` makes a transformers / Megatron-LM tokenizer directory of it).
 
     Special tokens <|endoftext|> (EOD, id 0) and <|pad|> (id 1) come first so every vocabulary size keeps them.
     """
