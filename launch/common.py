@@ -22,6 +22,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_int(text: str) -> int:
+    """A non-negative integer (0 allowed, e.g. --gpus-per-node 0 for a CPU job)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
 def check_overrides(overrides: list[str]) -> None:
     """A typo found now costs nothing; found on the cluster, it costs a wait in the queue."""
     for o in overrides:
@@ -36,6 +43,27 @@ def check_overrides(overrides: list[str]) -> None:
         sys.path.remove(str(REPO))
     if problem := compose_error(overrides):
         raise ValueError(problem)
+
+
+def check_config(overrides: list[str], world_size: int):
+    """train.py's own start-up validation, now: the composed config checked by `diffv2.config.validate` for
+    `world_size` processes (global batch vs micro-batch x data-parallel ranks, tensor/expert parallel sizes, head
+    layout, ...). Returns the typed config; raises ValueError with train.py's one-line message."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from diffv2.config import register_configs, validate
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as e:  # check_overrides has reported the usual ones already
+        raise ValueError(str(e).strip().splitlines()[0]) from None
+    validate(cfg, world_size=world_size)
+    return cfg
 
 
 def run_dir_of(overrides: list[str]) -> Path:

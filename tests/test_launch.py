@@ -26,7 +26,6 @@ from typing import Optional
 
 import pytest
 
-from diffv2 import preempt
 from diffv2.preempt import EXIT_PREEMPTED, PreemptionCallback
 from launch import slurm, torchrun
 
@@ -57,10 +56,17 @@ exit 0
 """
 SBATCH = r"""#!/bin/bash
 f=$(mktemp "$CALLS/sbatch.XXXXXX"); printf '%s\0' "$@" > "$f"
+if [[ $1 == --test-only ]]; then
+  [[ -n ${SBATCH_REFUSE:-} ]] && { echo "allocation failure: $SBATCH_REFUSE" >&2; exit 1; }
+  echo "sbatch: Job 4243 to start at 2026-01-01T00:00:00 using 8 processors on nodes n1 in partition gpu" >&2
+  exit 0
+fi
+[[ -n ${SBATCH_FAIL:-} ]] && { echo "sbatch: error: $SBATCH_FAIL" >&2; exit 1; }
 echo "4243;cluster"
 """
 # train.py's interpreter in the script under test: records instead of training; `--cfg` goes to the real one.
 RECORDER = r"""#!/bin/bash
+[[ $1 == -c ]] && exec "$(dirname "$0")/real-python" "$@"  # the launcher's check that it imports torch
 for a in "$@"; do [[ $a == --cfg ]] && exec "$REAL_PY" "$@"; done
 exec "$REAL_PY" "$RECORD_PY" "$@"
 """
@@ -132,11 +138,13 @@ def job(tmp_path_factory) -> Job:
     recorder.write_text(RECORDER)
     recorder.chmod(0o755)
     (tmp / "record.py").write_text(RECORD_PY)
+    (odd_dir / "real-python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (odd_dir / "real-python").chmod(0o755)  # what the launcher's import check runs
     env.update(REAL_PY=sys.executable, RECORD_PY=str(tmp / "record.py"))
     script, run_dir = tmp / "job.sbatch", tmp / "runs" / "t-1"
     rc = slurm.main(["--nodes", "2", "--gpus-per-node", "2", "--time", "24:00:00", "--partition", "gpu",
                      "--account", "proj", "--run-dir", str(run_dir), "--python", str(recorder), "--out", str(script),
-                     "--dry-run", "--", "seed=3", NASTY])
+                     "--dry-run", "--", "seed=3", NASTY, "trainer.global_batch_size=32"])
     assert rc == 0
     j = Job(tmp, env, script, run_dir, recorder, None)
     j.first = j.start()
@@ -167,7 +175,8 @@ def test_sbatch_starts_one_task_per_gpu_with_rendezvous(job):
         assert r["env"]["SLURM_NTASKS"] == "4" and r["env"]["PYTHONUNBUFFERED"] == "1"
         assert Path(r["cwd"]) == (job.run_dir / "code").resolve()  # runs the snapshot, not the checkout
         assert r["env"]["GIT_CEILING_DIRECTORIES"] == str(job.run_dir.resolve())
-        assert r["argv"] == ["train.py", "seed=3", NASTY, f"hydra.run.dir={job.run_dir}", "trainer.resume=auto"]
+        assert r["argv"] == ["train.py", "seed=3", NASTY, "trainer.global_batch_size=32", f"hydra.run.dir={job.run_dir}",
+                             "trainer.resume=auto"]
 
 
 def test_sbatch_quoting_runs_nothing_and_passes_values_verbatim(job):
@@ -268,11 +277,92 @@ def test_slurm_cli_submits_with_sbatch(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CALLS", env["CALLS"])
     run_dir = tmp_path / "runs" / "sub"
     assert slurm.main(["--nodes", "1", "--gpus-per-node", "8", "--time", "2-00:00:00", "--partition", "gpu",
-                       "--account", "proj", "--signal-lead", "300", "--run-dir", str(run_dir), "--", "seed=1"]) == 0
+                       "--account", "proj", "--signal-lead", "300", "--run-dir", str(run_dir), "--", "seed=1",
+                       "trainer.micro_batch_size=1"]) == 0
     script = run_dir / "launch" / "job.sbatch"
-    assert calls(env, "sbatch") == [["--parsable", str(script)]]
+    assert calls(env, "sbatch") == [["--test-only", str(script)], ["--parsable", str(script)]]
     assert "#SBATCH --signal=USR1@300" in script.read_text()
     assert capsys.readouterr().out.startswith(f"submitted job 4243: run {run_dir}, log {run_dir}/slurm-4243.out")
+
+
+@pytest.mark.parametrize("shape", [["--ntasks-per-node", "2"], ["--gpus-per-node", "0", "--ntasks-per-node", "2"]])
+def test_slurm_cpu_job_script_asks_no_gpu_and_runs_gloo(tmp_path, capsys, shape):
+    """A CPU job: tasks per node without GRES, trainer.device=cpu, cores and memory as asked, one thread per core."""
+    run_dir = tmp_path / "runs" / "cpu"
+    assert slurm.main([*shape, "--nodes", "2", "--cpus-per-task", "3", "--mem", "4G", "--time", "30",
+                       "--signal-lead", "60", "--run-dir", str(run_dir), "--dry-run", "--",
+                       "trainer.micro_batch_size=2"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=3", "#SBATCH --mem=4G",
+                 "#SBATCH --time=30", "#SBATCH --signal=USR1@60", "#SBATCH --requeue",
+                 "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+                 "  trainer.device=cpu"):
+        assert line in lines, line
+    assert "gres" not in text and "#SBATCH --partition" not in text  # the cluster's default partition
+    assert ('exec srun --nodes=2 --ntasks=4 --ntasks-per-node=2 --cpus-per-task=3 --kill-on-bad-exit=1 "$PY" train.py '
+            '"${ARGS[@]}"') in lines
+    assert not run_dir.exists()  # --dry-run without --out writes nothing
+    script = tmp_path / "cpu.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_slurm_relative_python_becomes_absolute(tmp_path, monkeypatch, capsys):
+    """The job runs in RUN_DIR/code, where a relative interpreter path would name nothing; a venv's link is kept."""
+    py = tmp_path / "env" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    py.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    assert slurm.main(["--ntasks-per-node", "2", "--time", "30", "--signal-lead", "60", "--python", "env/bin/python",
+                       "--run-dir", str(tmp_path / "run"), "--dry-run", "--", "trainer.micro_batch_size=4"]) == 0
+    assert f"PY={py}" in capsys.readouterr().out.splitlines()
+
+
+def test_slurm_refused_submission_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """sbatch refusing the job (here at --test-only: a request no node can meet, which plain sbatch would queue
+    for ever; or at the submission itself): one error line, exit 2, no run directory; a script of an earlier
+    submission in the same run directory is put back byte for byte."""
+    env = stand_ins(tmp_path)
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("CALLS", env["CALLS"])
+    argv = ["--ntasks-per-node", "2", "--cpus-per-task", "64", "--time", "30", "--signal-lead", "60", "--run-dir"]
+    fresh = tmp_path / "runs" / "new"
+    monkeypatch.setenv("SBATCH_REFUSE", "Requested node configuration is not available")
+    assert slurm.main([*argv, str(fresh), "--", "trainer.micro_batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the cluster cannot run ") and (
+        "(sbatch --test-only: allocation failure: Requested node configuration is not available); nothing was "
+        "submitted") in err, err
+    assert not (tmp_path / "runs").exists()
+    assert [c[0] for c in calls(env, "sbatch")] == ["--test-only"]
+    old = tmp_path / "old"
+    (old / "launch").mkdir(parents=True)
+    (old / "launch" / "job.sbatch").write_bytes(b"#!/bin/bash\n# the script of the job that made this run\n")
+    before = tree_digest(old)
+    monkeypatch.delenv("SBATCH_REFUSE")
+    monkeypatch.setenv("SBATCH_FAIL", "Batch job submission failed: Invalid account or account/partition combination")
+    assert slurm.main([*argv, str(old), "--", "trainer.micro_batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "failed (exit 1): sbatch: error: Batch job submission failed: Invalid account" in err
+    assert tree_digest(old) == before
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+def test_slurm_python_without_the_project_is_refused(tmp_path, capsys):
+    """--python that cannot import torch would fail on the node after the queue wait: refused now."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert slurm.main(["--gpus-per-node", "1", "--time", "60", "--python", str(fake), "--run-dir",
+                       str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --python {fake} cannot import torch, hydra and omegaconf (ModuleNotFoundError: "
+                          f"No module named 'torch')") and err.count("\n") == 1, err
 
 
 def cli(main, argv: list[str]) -> int:
@@ -285,7 +375,24 @@ def cli(main, argv: list[str]) -> int:
 
 @pytest.mark.parametrize("options, overrides, message", [
     ({"--nodes": "0"}, [], "argument --nodes: '0' is not a positive integer"),
-    ({"--gpus-per-node": "x"}, [], "argument --gpus-per-node: 'x' is not a positive integer"),
+    ({"--gpus-per-node": "x"}, [], "argument --gpus-per-node: 'x' is not a non-negative integer"),
+    ({"--gpus-per-node": "0"}, [], "--gpus-per-node 0 is a CPU job: give its processes per node with --ntasks-per-node"),
+    ({"--gpus-per-node": "2", "--ntasks-per-node": "4"}, [], "a GPU job runs one task per GPU"),
+    ({"--gpus-per-node": "0", "--ntasks-per-node": "2"}, ["trainer.device=cuda"],
+     "trainer.device=cuda in a CPU job (no GPU requested)"),
+    ({}, ["trainer.device=cpu"], "trainer.device=cpu in a job that requests 1 GPU(s) per node"),
+    ({"--mem": "16GB"}, [], "--mem '16GB' is not a memory size"),
+    ({"--python": "/nonexistent/python"}, [], "--python /nonexistent/python is not an executable file"),
+    # train.py's own start-up validation, for the job's task count (a job that would stop at once is never queued)
+    ({"--gpus-per-node": "0", "--ntasks-per-node": "3"}, [],
+     "trainer.global_batch_size=8 is not a multiple of micro_batch_size x data-parallel ranks = 8 x 3 (world size 3 "
+     "/ tp 1); change one of them (the job runs 3 process(es): 1 node(s) x 3 task(s))"),
+    ({"--nodes": "2", "--gpus-per-node": "4"}, ["trainer.micro_batch_size=1", "parallel.tp=3"],
+     "parallel.tp=3 does not divide the world size 8"),
+    ({"--gpus-per-node": "0", "--ntasks-per-node": "2"}, ["trainer.micro_batch_size=1", "trainer.eval_batches=1"],
+     "validation reads trainer.eval_batches x micro_batch_size = 1 x 1 samples"),
+    ({}, ["data.prefixes=[data/corpus]"], "data.prefixes entry 'data/corpus' is a relative path"),
+    ({}, ["data.prefixes=[/nonexistent/corpus]"], "/nonexistent/corpus.bin not found"),
     ({"--time": "12h"}, [], "--time '12h' is not a SLURM time"),
     ({"--time": "1:75:00"}, [], "minutes and seconds after the first field must be below 60"),
     ({"--time": "2"}, [], "--signal-lead 180 s is not shorter than --time 2 (120 s)"),
@@ -293,12 +400,14 @@ def cli(main, argv: list[str]) -> int:
     ({"--account": "a;b"}, [], "--account 'a;b' is not a SLURM name"),
     ({}, ["trainer.resume=none"], "'trainer.resume=none': the job sets trainer.resume=auto"),
     ({}, ["modle=tiny"], "Could not override 'modle'"),
-    ({}, ["run_name=a b"], "holds ' ', which #SBATCH --output cannot carry"),
+    ({"--run-dir": "runs/a b"}, [], "holds ' ', which #SBATCH --output cannot carry"),
     ({}, ["-m"], "'-m' is a flag, not a key=value override"),
 ])
 def test_slurm_cli_rejects_bad_input_in_one_line(options, overrides, message, capsys):
     given = {"--nodes": "1", "--gpus-per-node": "1", "--time": "1:00:00", "--partition": "p", "--account": "a",
              **options}
+    if given.get("--ntasks-per-node") and "--gpus-per-node" not in options:
+        del given["--gpus-per-node"]
     rc = cli(slurm.main, [x for kv in given.items() for x in kv] + ["--dry-run", "--", *overrides])
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == "", captured.out
@@ -377,7 +486,7 @@ if world > 1:
     if os.environ.get("FAKE_NCCL"):  # make the callback take a gloo group of its own, as under NCCL
         default_backend = dist.get_backend
         dist.get_backend = lambda group=None: "nccl" if group is None else default_backend(group)
-from diffv2.preempt import PreemptionCallback, exit_code
+from diffv2.preempt import PreemptionCallback
 root = logging.getLogger()
 root.setLevel(logging.INFO)
 for sc in json.loads(sys.argv[1]):
@@ -396,7 +505,7 @@ for sc in json.loads(sys.argv[1]):
     cb.on_train_end()
     cb.restore()
     root.removeHandler(handler)
-    print(json.dumps({"step": step, "reason": reason, "exit_code": exit_code(), "requeued": cb.requeued,
+    print(json.dumps({"step": step, "reason": reason, "exit_code": cb.exit_code, "requeued": cb.requeued,
                       "received": cb.received, "own_group": cb._group is not None, "log": log.getvalue()}), flush=True)
 """
 
@@ -522,9 +631,9 @@ def test_preemption_callback_in_process():
     before = signal.getsignal(signal.SIGTERM)
     cb = PreemptionCallback()
     try:
-        assert signal.getsignal(signal.SIGTERM) == cb._handle and cb.name == "preemption"
+        assert signal.getsignal(signal.SIGTERM) == cb.latch._handle and cb.name == "preemption"
         assert [cb.should_stop() for _ in range(3)] == [None] * 3
-        assert cb.state_dict() == {} and preempt.exit_code() is None
+        assert cb.state_dict() == {} and cb.exit_code is None
         cb.on_train_end()
         assert signal.getsignal(signal.SIGTERM) == before
     finally:
@@ -539,7 +648,7 @@ def test_preemption_signal_in_the_last_step_just_finishes(tmp_path, monkeypatch)
     from monitoring.callback import StepResult
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    ctx = SimpleNamespace(run_dir=tmp_path, cfg=SimpleNamespace(trainer=SimpleNamespace(max_steps=2)))
+    ctx = SimpleNamespace(run_dir=tmp_path, start_step=0, cfg=SimpleNamespace(trainer=SimpleNamespace(max_steps=2)))
     zero = torch.zeros(())
     for signalled_at, expected in ((1, "preempted by SIGUSR1"), (2, None)):
         cb = PreemptionCallback()
