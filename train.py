@@ -172,7 +172,30 @@ def compose_error(overrides: list[str]) -> Optional[str]:
     return run_name_problem(composed["run_name"])
 
 
+def help_text() -> str:
+    """`python train.py --help`: the training config groups and their options (the schema entries and the
+    experiment-suite group, which are not training choices, left out), then where every key is documented."""
+    lines = [__doc__.split("\n\n")[0], "", "Config groups (group=option; the first is the default):"]
+    defaults = {k: v for d in OmegaConf.load(CONFIG_DIR / "config.yaml").defaults if isinstance(d, (dict, DictConfig))
+                for k, v in d.items()}
+    for group in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "suite")):
+        options = sorted(p.stem for p in group.glob("*.yaml") if p.stem != "schema")
+        first = defaults.get(group.name)
+        options = ([first] if first in options else []) + [o for o in options if o != first]
+        prefix = "+experiment" if group.name == "experiment" else group.name
+        lines.append(f"  {prefix}: {', '.join(options)}")
+    lines += ["", "Any key can be set too (trainer.max_steps=1000, model.attention.doc_mask=true): every key, its type,",
+              "default and meaning is in diffv2/config.py; `python train.py --cfg job` prints the composed config.",
+              "Sweeps: -m (Hydra multirun); suites of runs: python -m launch.suite (configs/suite/); SLURM: python -m",
+              "launch.slurm; Hydra's own flags: python train.py --hydra-help.", "",
+              __doc__[__doc__.index("Exit codes:"):].strip()]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(help_text())
+        sys.exit(0)
     if problem := compose_error(sys.argv[1:]):
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

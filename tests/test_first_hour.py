@@ -107,3 +107,14 @@ def test_console_is_one_stream_and_train_log_has_the_run(tmp_path, data_cache):
     log = (run_dir / "train.log").read_text()
     for needle in ("step      2 | loss", "step      3 | validation loss", "step      6 | loss", "done: train loss"):
         assert needle in log, needle
+
+
+def test_help_lists_the_training_choices_only():
+    proc = run_watched([sys.executable, "train.py", "--help"], env=_env(None, None))
+    assert proc.returncode == 0
+    groups = {line.split(":")[0].strip(): line.split(":", 1)[1] for line in proc.stdout.splitlines()
+              if line.startswith("  ") and ":" in line}
+    assert set(groups) == {"attention", "data", "+experiment", "logging", "model", "monitoring", "optim", "parallel",
+                           "trainer"}
+    assert "schema" not in proc.stdout and "suite:" not in proc.stdout
+    assert groups["attention"].split(",")[0].strip() == "diffv2" and "diffv2_half_split" in groups["attention"]
