@@ -35,7 +35,7 @@ def resolve_wandb_mode(mode: str) -> str:
         return os.environ["WANDB_MODE"]
     has_key = has_wandb_key()
     if not has_key:
-        log.info("W&B: no API key configured, logging offline (sync later with `wandb sync RUN_DIR/wandb`)")
+        log.info("W&B: no API key configured, logging offline")
     return "online" if has_key else "offline"
 
 
@@ -90,6 +90,8 @@ class MetricSink:
             )
             if not id_file.is_file():
                 id_file.write_text(self.run.id + "\n")
+            if mode == "offline":
+                log.info("W&B offline run %s: upload it later with `wandb sync %s`", self.run.id, run_dir / "wandb")
             for key, summary in SUMMARIES.items():
                 self.run.define_metric(key, summary=summary)
         self._tables: dict = {}
