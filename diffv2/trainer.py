@@ -30,8 +30,8 @@ from diffv2.flops import count
 from diffv2.kernels import doc_ids_from_tokens, resolve_backend
 from diffv2.model import Transformer
 from diffv2.nonfinite import NonFiniteGuard
-from diffv2.optim import lr_at, set_lr
 from diffv2.memory_check import check_fits
+from diffv2.optim import lr_at, set_lr
 from diffv2.preempt import PreemptionCallback, SignalLatch, ignore_stop_signals, signals_blocked
 from diffv2.profiling import ProfilerCallback
 from diffv2.parallel import dist as pdist
@@ -437,7 +437,7 @@ class Trainer:
                     summary["stopped"] = stop
                     summary["exit_code"] = self.preemption.exit_code
                     break
-        except KeyboardInterrupt:  # a second Ctrl-C: abort now; W&B is left to its exit hook
+        except KeyboardInterrupt:  # SIGINT under handlers other than the latch's: out now, W&B left to its exit hook
             raise
         except BaseException:
             if sink is not None:
