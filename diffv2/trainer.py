@@ -176,19 +176,19 @@ class Trainer:
         diff = [k for k in now if k not in ("attention", "name") and saved.get(k) != now[k]]
         diff += [f"attention.{k}" for k in now["attention"] if k not in ("backend", "name") and
                  saved["attention"].get(k) != now["attention"][k]]
-        t = self.cfg.trainer
+        t, step = self.cfg.trainer, meta.get("step", 0)
         data_now = {"data.seq_len": ("seq_len", self.cfg.data.seq_len), "seed": ("seed", self.cfg.seed),
-                    "trainer.global_batch_size": ("samples_consumed", meta["step"] * t.global_batch_size)}
+                    "trainer.global_batch_size": ("samples_consumed", step * t.global_batch_size)}
         for name, (key, value) in data_now.items():
             if meta.get(key, value) != value:  # megatron's sample order and the data position depend on these
-                saved = meta[key] if key != "samples_consumed" else meta[key] // max(meta["step"], 1)
+                saved = meta[key] if key != "samples_consumed" else meta[key] // max(step, 1)
                 raise ValueError(
                     f"checkpoint {self.resume_from} was written with {name}={saved}, this run has "
                     f"{value if key != 'samples_consumed' else t.global_batch_size}; the data order depends on it, so "
                     f"resume with the original settings or start a new run_name"
                 )
-        if meta["step"] > t.max_steps:
-            raise ValueError(f"checkpoint {self.resume_from} is at step {meta['step']}, past trainer.max_steps="
+        if step > t.max_steps:
+            raise ValueError(f"checkpoint {self.resume_from} is at step {step}, past trainer.max_steps="
                              f"{t.max_steps}; raise trainer.max_steps to continue it or start a new run_name")
         planned = meta.get("train_samples", t.max_steps * t.global_batch_size)
         self.replanned_from = planned if planned != t.max_steps * t.global_batch_size else None

@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from watched import run_watched
 from diffv2.config import Config, ModelConfig, MoEConfig  # noqa: E402
 from diffv2.model import Transformer  # noqa: E402
 from diffv2.optim import build_optimizer, lr_at, set_lr  # noqa: E402
@@ -452,6 +451,8 @@ def test_one_process_without_launcher():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "OMPI_COMM_WORLD_SIZE")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    from watched import run_watched  # here: SINGLE imports this module in a process without tests/ on its path
+
     proc = run_watched([sys.executable, "-c", SINGLE], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -369,7 +369,8 @@ def test_train_resume_refuses_planted_trainer_state(trained_run, tmp_path):
     run, ckpt = copy_run(trained_run, tmp_path)
     marker = tmp_path / "marker"
     plant_trainer_state(ckpt, marker)
-    proc = train(run, trained_run / "cache", "trainer.max_steps=2")  # the same command: resumes from it
+    # continuing the finished 2-step run loads its checkpoint (rerunning it as it was reads only meta.json)
+    proc = train(run, trained_run / "cache", "trainer.max_steps=3")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_line(proc).startswith("error: refusing to load") and "trainer.pt" in error_line(proc)
     assert not marker.exists()
