@@ -35,7 +35,8 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from diffv2.config import Config, register_configs, run_name_problem, unknown_keys, validate  # noqa: E402
+from diffv2.config import Config, register_configs, run_name_problem, unknown_keys  # noqa: E402
+from diffv2.validate import validate  # noqa: E402
 
 # megatron-core announces at import that optional NVIDIA extensions are absent; nothing here uses them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -51,7 +52,8 @@ def main(dcfg: DictConfig) -> dict:
     from diffv2.trainer import RunStopped, Trainer
 
     from diffv2.parallel import dist as pdist
-    from monitoring.sink import wandb_problem
+    from diffv2.sink import wandb_problem
+    from monitoring.build import instrumentation  # the composition root: the core never imports monitoring/
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     fresh = not any(run_dir.iterdir())  # Hydra has just created it (or it was empty): a refused start removes it
@@ -64,7 +66,7 @@ def main(dcfg: DictConfig) -> dict:
         if problem := wandb_problem(cfg.logging.wandb):
             raise ValueError(problem)
         summary = Trainer(cfg, run_dir, record_yaml=OmegaConf.to_yaml(dcfg, resolve=True), env=env,
-                          signals=SIGNALS).run()
+                          signals=SIGNALS, instrumentation=instrumentation()).run()
     except ValueError as e:  # user errors: one line, no traceback
         _fail(f"error: {e}", 2, run_dir if fresh else None)
     except OSError as e:
@@ -74,7 +76,7 @@ def main(dcfg: DictConfig) -> dict:
     except RuntimeError as e:
         if not pdist.is_peer_failure(e):
             raise
-        _fail(f"error: {pdist.explain_timeout(e)}", 4)
+        _fail(f"error: {pdist.explain_timeout(e, dcfg.parallel.timeout_s)}", 4)
     pdist.shutdown()
     if summary.get("started") is False and fresh:
         _remove_fresh(run_dir)  # stopped by a signal before the first step: leave nothing behind

@@ -209,9 +209,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU (it times bf16 decode steps in CUDA graphs); nothing was measured")
     device = torch.device("cuda")
-    if args.eager_combine:
-        attention.fused_combine = lambda: attention.combine
     models = build_models(args.layers, max(args.contexts), device)
+    if args.eager_combine:  # every layer's fused combine replaced by the eager function
+        for model in models.values():
+            for block in model.blocks:
+                block.attn.fused_combine = attention.combine
     rows = []
     for batch in args.batches:
         for context in args.contexts:

@@ -60,8 +60,10 @@ def run_arm(args, arm: str, run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from diffv2.config import register_configs, validate
+    from diffv2.config import register_configs
     from diffv2.trainer import Trainer
+    from diffv2.validate import validate
+    from monitoring.build import instrumentation
 
     register_configs()
     profile = [f"trainer.profile_start={args.steps + 1}", "trainer.profile_steps=2"] if args.profile else []
@@ -78,7 +80,7 @@ def run_arm(args, arm: str, run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
         cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     validate(cfg)
     torch.cuda.reset_peak_memory_stats()
-    Trainer(cfg, run_dir).run()
+    Trainer(cfg, run_dir, instrumentation=instrumentation()).run()  # with monitors: perf/ is read below
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # The first window holds compilation; the steps after --steps (profiled, last) are not measured.
     perf = [r for r in rows if "perf/tokens_per_s" in r and r["step"] <= args.steps][1:]

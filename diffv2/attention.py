@@ -6,6 +6,7 @@ H output heads (h), Q query heads, K kv heads, D head_dim.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import TYPE_CHECKING, Callable, Optional
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffv2.config import AttentionConfig, ModelConfig
+from diffv2.heads import output_heads, query_heads, validate_heads
 from diffv2.kernels import causal_attention
 from diffv2.recompute import recomputing
 from diffv2.rope import RotaryEmbedding
@@ -31,49 +33,6 @@ log = logging.getLogger(__name__)
 
 # An observer receives (layer_idx, stats dict) from the same forward; None costs nothing (monitoring hook).
 Observer = Callable[[int, dict], None]
-
-
-def query_heads(cfg: ModelConfig) -> int:
-    """Query heads fed to the attention kernel for each variant."""
-    a, h = cfg.attention, cfg.n_heads
-    if a.variant == "diffv2":
-        return 2 * h
-    if a.variant == "baseline":
-        return round(a.head_multiplier * h)
-    return h  # diffv1: 2 * (h/2) heads of d, split into q1/q2
-
-
-def output_heads(cfg: ModelConfig) -> int:
-    """Heads of width head_dim concatenated before o_proj."""
-    return query_heads(cfg) if cfg.attention.variant == "baseline" else cfg.n_heads
-
-
-def validate_heads(cfg: ModelConfig) -> None:
-    """One-line errors for head layouts that break pairing or GQA grouping (spec R1, T3, T16)."""
-    a, h, hkv = cfg.attention, cfg.n_heads, cfg.n_kv_heads
-    if h <= 0 or hkv <= 0:
-        raise ValueError(f"model.n_heads={h} and model.n_kv_heads={hkv} must be positive")
-    if a.variant == "diffv2" and (h % hkv or hkv > h):
-        raise ValueError(
-            f"DIFF V2 pairs need n_heads % n_kv_heads == 0 (spec R1): n_heads={h}, n_kv_heads={hkv} puts heads 2i and "
-            f"2i+1 in different GQA groups; choose n_kv_heads dividing n_heads"
-        )
-    if a.variant == "baseline":
-        nq = a.head_multiplier * h
-        if nq != round(nq) or round(nq) % hkv:
-            raise ValueError(
-                f"baseline query heads head_multiplier*n_heads = {a.head_multiplier}*{h} = {nq} must be an integer "
-                f"multiple of n_kv_heads={hkv}; pick head_multiplier or n_kv_heads accordingly"
-            )
-    if a.variant == "diffv1" and (h % 2 or hkv % 2 or (h // 2) % (hkv // 2)):
-        raise ValueError(
-            f"DIFF V1 uses n_heads/2 and n_kv_heads/2 heads (spec §3): n_heads={h}, n_kv_heads={hkv} must both be even "
-            f"with n_kv_heads/2 dividing n_heads/2"
-        )
-    if a.variant != "diffv2" and (a.pairing != "interleave" or a.lambda_mode != "sigmoid"):
-        raise ValueError("attention.pairing / lambda_mode are DIFF V2 ablations; they need attention.variant=diffv2")
-    if a.variant != "baseline" and a.head_multiplier != 1.0:
-        raise ValueError(f"attention.head_multiplier={a.head_multiplier} applies to variant=baseline only")
 
 
 def lambda_init(depth: int) -> float:
@@ -103,7 +62,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "math"):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "math",
+                 fused_combine: Optional[FusedCombine] = None):
+        """`fused_combine`: the model's compiled combine for GPU inference (shared by its layers); None: this layer
+        makes its own."""
         super().__init__()
         validate_heads(cfg)
         a: AttentionConfig = cfg.attention
@@ -129,6 +91,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.norm_eps) if a.qk_norm else None
         self.rope = RotaryEmbedding(d, cfg.max_seq_len, a.rope_theta, a.rope_style)
         self.observer: Optional[Observer] = None
+        self.fused_combine = FusedCombine() if fused_combine is None else fused_combine
 
     def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, observe: Optional[bool] = None) -> torch.Tensor:
@@ -176,7 +139,7 @@ class Attention(nn.Module):
         # Eager inference on a GPU: one kernel (a compiled block fuses the combine itself; bf16 mode: op by op)
         fuse = (attn_BNQD.is_cuda and not torch.is_grad_enabled() and self.cfg.combine_fp32
                 and not torch.compiler.is_compiling())
-        combine_fn = fused_combine() if fuse else combine
+        combine_fn = self.fused_combine if fuse else combine
         ctx_BNHD, scale_BNH = combine_fn(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
         if observe:
             self._emit(dict(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH))
@@ -222,34 +185,37 @@ class Attention(nn.Module):
             self.observer(self.layer_idx, stats)
 
 
-_FUSED: dict = {}
+@functools.lru_cache(maxsize=None)
+def _compiled_combine() -> Callable:
+    """`combine` compiled with dynamic shapes (one compilation for every batch and length), memoized: one compiled
+    callable per process, however many models use it (same pattern as kernels._compiled_flex)."""
+    return torch.compile(combine, dynamic=True, fullgraph=True)
 
 
-def fused_combine() -> Callable:
+class FusedCombine:
     """`combine` compiled into one kernel, for inference on a GPU (decode, generation, evaluation).
 
     Eager, the combination is ~7 kernels per layer (the λ and two strided-view casts, sigmoid, product, difference,
     the cast back); at decode batch 16 those launches alone, ~0.3 ms per step over 16 layers, were most of DIFF V2's
     extra time per token (docs/inference.md). Compiled blocks (training) fuse it already, and autograd keeps the
-    eager function. Shapes are dynamic (one compilation for every batch and length); if compilation fails, the
-    eager function is used from then on, with one warning. Used with `combine_fp32` only: the activation-dtype
-    mode rounds after every op, which a fused kernel (fp32 inside) does not reproduce."""
-    if "fn" not in _FUSED:
-        compiled = torch.compile(combine, dynamic=True, fullgraph=True)
+    eager function. If compilation fails, `broken` is set and the eager function is used from then on by this
+    object, with one warning. One object per model (the Transformer passes its own to every Attention layer; a
+    standalone Attention makes its own). Used with `combine_fp32` only: the activation-dtype mode rounds after every
+    op, which a fused kernel (fp32 inside) does not reproduce."""
 
-        def run(*args):
-            if _FUSED.get("broken"):
-                return combine(*args)
-            try:
-                return compiled(*args)
-            except Exception as e:  # noqa: BLE001 (any compiler failure): the eager function is exact
-                _FUSED["broken"] = True
-                log.warning("fused DIFF V2 combine unavailable (%s: %s); using eager kernels", type(e).__name__,
-                            str(e).splitlines()[0] if str(e) else "")
-                return combine(*args)
+    def __init__(self) -> None:
+        self.broken = False
 
-        _FUSED["fn"] = run
-    return _FUSED["fn"]
+    def __call__(self, *args):
+        if self.broken:
+            return combine(*args)
+        try:
+            return _compiled_combine()(*args)
+        except Exception as e:  # noqa: BLE001 (any compiler failure): the eager function is exact
+            self.broken = True
+            log.warning("fused DIFF V2 combine unavailable (%s: %s); using eager kernels", type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            return combine(*args)
 
 
 def combine(attn1_BNHD, attn2_BNHD, lam_BNH, lambda_mode: str, fp32: bool):

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from diffv2 import faults
+from diffv2.faults import NO_FAULTS, FaultPlan
 from diffv2.parallel import dist as pdist
 
 log = logging.getLogger(__name__)
@@ -75,92 +75,102 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-_PENDING: dict = {}  # checkpoint root -> the finishing half of an asynchronous save
+class Checkpointer:
+    """Writes a run's checkpoints into `ckpt_root`; holds the unfinished half of an asynchronous save.
 
-
-def save(ckpt_root: Path, step: int, engine, trainer_state: dict, meta: dict, keep_last: int,
-         async_save: bool = False) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep_last`. Collective: every rank calls it.
-
-    `engine` (diffv2/parallel/engine.py) writes the model and optimizer shards of every rank into a temporary
+    `save` writes checkpoint `step` atomically and prunes to the newest `keep_last`. Collective: every rank calls it.
+    The engine (diffv2/parallel/engine.py) writes the model and optimizer shards of every rank into a temporary
     directory; rank 0 adds trainer.pt and the manifest and renames it into place once every rank's files are
     whole. `async_save`: the shards are copied to host memory now and written in the background; the manifest and
     rename happen at the next save (or `finish_pending`), so until then the previous checkpoint is the newest.
+    `faults`: the test hooks armed for this process (diffv2/faults.py).
     """
-    finish_pending(ckpt_root)
-    rank0 = pdist.rank() == 0
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".tmp_step_{step:08d}"
-    if rank0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_root.glob(".tmp_*"):  # left by a save or prune that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-    pdist.barrier()
-    need = int(pdist.all_sum(engine.state_bytes()))  # a lower bound: formats add metadata
-    kept = list_checkpoints(ckpt_root)
-    expected = max(need, sum(p.stat().st_size for p in kept[-1].iterdir())) if kept else need
-    if not pdist.all_ok(shutil.disk_usage(ckpt_root).free >= need):
-        raise DiskFullError(_disk_full_message(ckpt_root, final, need, written=False))
-    try:
-        ok = False
+
+    def __init__(self, ckpt_root: Path, faults: FaultPlan = NO_FAULTS):
+        self.root, self.faults = ckpt_root, faults
+        self._pending: Optional[tuple] = None  # the finishing half of an asynchronous save
+
+    def save(self, step: int, engine, trainer_state: dict, meta: dict, keep_last: int,
+             async_save: bool = False) -> Path:
+        self.finish_pending()
+        ckpt_root = self.root
+        rank0 = pdist.rank() == 0
+        final = ckpt_root / f"step_{step:08d}"
+        tmp = ckpt_root / f".tmp_step_{step:08d}"
+        if rank0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            for stale in ckpt_root.glob(".tmp_*"):  # left by a save or prune that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+        pdist.barrier()
+        need = int(pdist.all_sum(engine.state_bytes()))  # a lower bound: formats add metadata
+        kept = list_checkpoints(ckpt_root)
+        expected = max(need, sum(p.stat().st_size for p in kept[-1].iterdir())) if kept else need
+        if not pdist.all_ok(shutil.disk_usage(ckpt_root).free >= need):
+            raise DiskFullError(_disk_full_message(ckpt_root, final, need, written=False))
         try:
-            engine.save(tmp, async_ok=async_save)
-            ok = True
-        finally:
-            if not pdist.all_ok(ok):  # a rank whose write failed: every rank leaves the same way
-                raise RuntimeError(f"checkpoint {final.name}: a rank failed to write its shards (see its log)")
-        args = (engine, ckpt_root, tmp, final, step, trainer_state, meta, expected, keep_last)
-        if async_save:
-            _PENDING[ckpt_root] = args
-            return final
-        _complete(*args)
-    except BaseException as err:
-        _cleanup_after(err, ckpt_root, tmp, final, expected)
-        raise
-    return final
+            ok = False
+            try:
+                engine.save(tmp, async_ok=async_save)
+                ok = True
+            finally:
+                if not pdist.all_ok(ok):  # a rank whose write failed: every rank leaves the same way
+                    raise RuntimeError(f"checkpoint {final.name}: a rank failed to write its shards (see its log)")
+            args = (engine, tmp, final, step, trainer_state, meta, expected, keep_last)
+            if async_save:
+                self._pending = args
+                return final
+            self._complete(*args)
+        except BaseException as err:
+            _cleanup_after(err, ckpt_root, tmp, final, expected)
+            raise
+        return final
 
-
-def finish_pending(ckpt_root: Path) -> None:
-    """Complete an asynchronous save into `ckpt_root` (waits for its background writes). Collective."""
-    args = _PENDING.pop(ckpt_root, None)
-    if args is None:
-        return
-    try:
-        _complete(*args)
-    except BaseException as err:
-        _cleanup_after(err, ckpt_root, args[2], args[3], args[7])
-        raise
-
-
-def _complete(engine, ckpt_root: Path, tmp: Path, final: Path, step: int, trainer_state: dict, meta: dict,
-              expected: int, keep_last: int) -> None:
-    engine.wait()
-    pdist.barrier()  # every rank's shards are on disk
-    faults.kill("ckpt_after_shards", step)
-    faults.disk_full(step, tmp)
-    error: Optional[BaseException] = None
-    try:  # each rank fsyncs and hashes a share of the files (every rank sees them all on a shared filesystem)
-        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())  # engines may nest
-        mine = {n: _file_record(tmp / n) for n in names[pdist.rank()::pdist.world_size()]}
-    except OSError as err:
-        error, mine = err, {}
-    files = _gather_dicts(mine)  # collective: reached by every rank, failed or not
-    if pdist.rank() == 0 and error is None:
+    def finish_pending(self) -> None:
+        """Complete an asynchronous save (waits for its background writes). Collective."""
+        args, self._pending = self._pending, None
+        if args is None:
+            return
         try:
-            torch.save(trainer_state, tmp / "trainer.pt")
-            files["trainer.pt"] = _file_record(tmp / "trainer.pt")
-            _publish(ckpt_root, tmp, final, step, meta, dict(sorted(files.items())))
-        except BaseException as err:  # noqa: BLE001 - reported to every rank below, then raised
-            error = err
-    if not pdist.all_ok(error is None):  # every rank leaves the same way
-        raise error if error is not None else RuntimeError(f"checkpoint {final.name} failed on another rank")
-    faults.kill("ckpt_after_rename", step)
-    if pdist.rank() == 0:
-        for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
-            doomed = ckpt_root / f".tmp_prune_{old.name}"
-            os.rename(old, doomed)  # atomic: a killed prune leaves a temporary directory, never a half checkpoint
-            shutil.rmtree(doomed, ignore_errors=True)
-    pdist.barrier()
+            self._complete(*args)
+        except BaseException as err:
+            _cleanup_after(err, self.root, args[1], args[2], args[6])
+            raise
+
+    def _complete(self, engine, tmp: Path, final: Path, step: int, trainer_state: dict, meta: dict,
+                  expected: int, keep_last: int) -> None:
+        ckpt_root, faults = self.root, self.faults
+        engine.wait()
+        pdist.barrier()  # every rank's shards are on disk
+        faults.kill("ckpt_after_shards", step)
+        faults.disk_full(step, tmp)
+        error: Optional[BaseException] = None
+        try:  # each rank fsyncs and hashes a share of the files (every rank sees them all on a shared filesystem)
+            names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())  # engines may nest
+            mine = {n: _file_record(tmp / n) for n in names[pdist.rank()::pdist.world_size()]}
+        except OSError as err:
+            error, mine = err, {}
+        files = _gather_dicts(mine)  # collective: reached by every rank, failed or not
+        if pdist.rank() == 0 and error is None:
+            try:
+                torch.save(trainer_state, tmp / "trainer.pt")
+                files["trainer.pt"] = _file_record(tmp / "trainer.pt")
+                _publish(ckpt_root, tmp, final, step, meta, dict(sorted(files.items())), faults)
+            except BaseException as err:  # noqa: BLE001 - reported to every rank below, then raised
+                error = err
+        if not pdist.all_ok(error is None):  # every rank leaves the same way
+            raise error if error is not None else RuntimeError(f"checkpoint {final.name} failed on another rank")
+        faults.kill("ckpt_after_rename", step)
+        if pdist.rank() == 0:
+            for old in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+                doomed = ckpt_root / f".tmp_prune_{old.name}"
+                os.rename(old, doomed)  # atomic: a killed prune leaves a temporary directory, never a half checkpoint
+                shutil.rmtree(doomed, ignore_errors=True)
+        pdist.barrier()
+
+
+def save(ckpt_root: Path, step: int, engine, trainer_state: dict, meta: dict, keep_last: int) -> Path:
+    """One synchronous save into `ckpt_root` (see `Checkpointer.save`)."""
+    return Checkpointer(ckpt_root).save(step, engine, trainer_state, meta, keep_last)
 
 
 def _file_record(path: Path) -> dict:
@@ -179,7 +189,7 @@ def _gather_dicts(mine: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def _publish(ckpt_root: Path, tmp: Path, final: Path, step: int, meta: dict, files: dict) -> None:
+def _publish(ckpt_root: Path, tmp: Path, final: Path, step: int, meta: dict, files: dict, faults: FaultPlan) -> None:
     """Rank 0: the manifest last, then the rename that makes the checkpoint visible."""
     meta_tmp = tmp / "meta.json"
     meta_tmp.write_text(json.dumps({**meta, "step": step, "world_size": pdist.world_size(), "files": files},

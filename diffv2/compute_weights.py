@@ -15,7 +15,8 @@ fp32 `.grad` (Megatron's gradient-accumulation fusion, `LinearIntoFP32Grad`). On
 beta = 1 writing fp32 (`torch.addmm(..., out_dtype=torch.float32)`), which saves the bf16 gradient's write and read
 and a separate fp32 add per micro-batch. It runs inside an opaque custom op (`diffv2::wgrad_into_`), so the compiler
 keeps it one call. The product is then summed in fp32 without a rounding to bf16 in between, so it is at least as
-precise as autocast's. On CPU, and on a torch without that GEMM, the op computes the bf16 product and adds it, which
+precise as autocast's (whether this torch has that GEMM is probed once, when ComputeWeights is built:
+`probe_fused_gemm`). On CPU, and on a torch without that GEMM, the op computes the bf16 product and adds it, which
 is autocast's arithmetic exactly (tested bit for bit). The fp32 `.grad` of these layers is allocated at `refresh`
 (zeros) when the step begins without one.
 
@@ -42,65 +43,88 @@ from diffv2.moe import GroupedExperts
 log = logging.getLogger(__name__)
 
 KEEP_FP32 = ("lm_head", "router")  # module names whose weights are not replaced (see the module doc)
-_FUSED_GEMM = {"ok": None}  # None: untried; True: addmm with out_dtype=fp32 works here; False: it does not
+
+
+def probe_fused_gemm(device: torch.device) -> bool:
+    """Whether this torch can add a bf16 GEMM into an fp32 tensor on `device` in one call
+    (`torch.addmm(..., out_dtype=torch.float32)`): tried once on a tiny product, on CUDA only (False elsewhere), with
+    one warning when it cannot."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    grad = torch.zeros(2, 2, device=device)
+    ones = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(grad, ones.t(), ones, out_dtype=torch.float32, out=grad)
+        problem = None if bool((grad == 2).all()) else f"wrong result {grad.tolist()}"
+    except (RuntimeError, TypeError) as err:  # the GEMM is not in this torch
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if problem is not None:
+        log.warning("bf16_weights: this torch cannot add a bf16 GEMM into fp32 (%s); weight gradients are "
+                    "computed in bf16 and added (as autocast does)", problem)
+    return problem is None
 
 
 @torch.library.custom_op("diffv2::wgrad_into_", mutates_args=("grad_OI",))
-def wgrad_into_(grad_OI: torch.Tensor, dy_TO: torch.Tensor, x_TI: torch.Tensor) -> None:
-    """grad_OI (fp32) += dy_TO^T @ x_TI (bf16): one GEMM into fp32 on CUDA; else the bf16 product, then the add."""
-    if grad_OI.is_cuda and _FUSED_GEMM["ok"] is not False:
-        try:
-            torch.addmm(grad_OI, dy_TO.t(), x_TI, out_dtype=torch.float32, out=grad_OI)
-            _FUSED_GEMM["ok"] = True
-            return
-        except (RuntimeError, TypeError) as err:  # before the first success only: the GEMM is not in this torch
-            if _FUSED_GEMM["ok"]:
-                raise
-            _FUSED_GEMM["ok"] = False
-            log.warning("bf16_weights: this torch cannot add a bf16 GEMM into fp32 (%s); weight gradients are "
-                        "computed in bf16 and added (as autocast does)", str(err).splitlines()[0])
+def wgrad_into_(grad_OI: torch.Tensor, dy_TO: torch.Tensor, x_TI: torch.Tensor, fused: bool) -> None:
+    """grad_OI (fp32) += dy_TO^T @ x_TI (bf16): one GEMM into fp32 on CUDA when `fused` (the result of
+    `probe_fused_gemm`); else the bf16 product, then the add."""
+    if fused and grad_OI.is_cuda:
+        torch.addmm(grad_OI, dy_TO.t(), x_TI, out_dtype=torch.float32, out=grad_OI)
+        return
     grad_OI.add_(dy_TO.t() @ x_TI)
 
 
 @wgrad_into_.register_fake
-def _(grad_OI, dy_TO, x_TI) -> None:
+def _(grad_OI, dy_TO, x_TI, fused) -> None:
     return None
 
 
 class LinearIntoFP32Grad(torch.autograd.Function):
     """y = x W^T with bf16 W; backward returns dX and adds dW into `grad_OI` (the fp32 parameter's .grad) instead of
-    returning it. Legend: T tokens, I in_features, O out_features."""
+    returning it; `fused_gemm`: the addition is one GEMM into fp32 (see wgrad_into_). Legend: T tokens,
+    I in_features, O out_features."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight_OI: torch.Tensor, grad_OI: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight_OI: torch.Tensor, grad_OI: torch.Tensor,
+                fused_gemm: bool = False) -> torch.Tensor:
         x_c = x.to(weight_OI.dtype)  # autocast's cast of the input
         ctx.save_for_backward(x_c, weight_OI, grad_OI)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.fused_gemm = x.dtype, fused_gemm
         return F.linear(x_c, weight_OI)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_c, weight_OI, grad_OI = ctx.saved_tensors
         dy = dy.to(weight_OI.dtype)
-        wgrad_into_(grad_OI, dy.reshape(-1, dy.shape[-1]), x_c.reshape(-1, x_c.shape[-1]))
-        return (dy @ weight_OI).to(ctx.x_dtype), None, None
+        wgrad_into_(grad_OI, dy.reshape(-1, dy.shape[-1]), x_c.reshape(-1, x_c.shape[-1]), ctx.fused_gemm)
+        return (dy @ weight_OI).to(ctx.x_dtype), None, None, None
 
 
 class FusedWgradLinear(nn.Linear):
     """The class ComputeWeights gives its bias-free Linear layers (same parameters and state dict): while swapped in
-    (`wgrad_into` = the fp32 .grad) the weight gradient goes into that tensor; otherwise a plain Linear."""
+    (`wgrad_into` = the fp32 .grad) the weight gradient goes into that tensor; otherwise a plain Linear.
+    `fused_gemm`: ComputeWeights' probe result, passed to the op."""
 
     wgrad_into: Optional[torch.Tensor] = None
+    fused_gemm: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.wgrad_into is None or not torch.is_grad_enabled():
             return F.linear(x, self.weight)
-        return LinearIntoFP32Grad.apply(x, self.weight, self.wgrad_into)
+        return LinearIntoFP32Grad.apply(x, self.weight, self.wgrad_into, self.fused_gemm)
 
 
 class ComputeWeights:
-    def __init__(self, model: nn.Module, dtype: torch.dtype, fused_wgrad: bool = True):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, fused_wgrad: bool = True,
+                 fused_gemm: Optional[bool] = None):
+        """`fused_gemm`: whether the fused Linear layers add their weight gradient by one GEMM into fp32; None: probe
+        it (`probe_fused_gemm`) on the device of the model's parameters."""
         self.model = model
+        if fused_gemm is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            fused_gemm = fused_wgrad and probe_fused_gemm(device)
+        self.fused_gemm = bool(fused_gemm)
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         self.linears: list[Optional[nn.Linear]] = []  # per entry: its nn.Linear (fused weight gradient) or None
@@ -122,6 +146,7 @@ class ComputeWeights:
         for module in self.linears:
             if module is not None:
                 module.__class__ = FusedWgradLinear  # its wgrad_into is the fp32 .grad while swapped in
+                module.fused_gemm = self.fused_gemm
 
     @torch.no_grad()
     def refresh(self) -> None:

@@ -24,6 +24,8 @@ import errno
 import os
 import signal
 import time
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -42,34 +44,42 @@ def parse(spec: str) -> dict[str, set[int]]:
     return plan
 
 
-PLAN = parse(os.environ.get("DIFFV2_FAULT", ""))
+@dataclass(frozen=True)
+class FaultPlan:
+    """The faults armed for this process (empty unless DIFFV2_FAULT is set). The trainer reads the environment once
+    (`from_env`) and hands the plan to the components that have fault points (the train step, the validation pass,
+    the metric output, the checkpointer), so two trainers in one process never share one."""
+
+    plan: Mapping[str, frozenset] = field(default_factory=dict)
+    this_rank: bool = True  # this process is the rank DIFFV2_FAULT_RANK names (rank_kill, stall)
+
+    @classmethod
+    def from_env(cls, rank: int, environ: Mapping[str, str] = os.environ) -> "FaultPlan":
+        """The plan DIFFV2_FAULT arms for this process, the global rank `rank` (torchrun's RANK, SLURM's PROCID)."""
+        plan = parse(environ.get("DIFFV2_FAULT", ""))
+        return cls({k: frozenset(v) for k, v in plan.items()}, str(rank) == environ.get("DIFFV2_FAULT_RANK", "0"))
+
+    def kill(self, point: str, step: int) -> None:
+        if step in self.plan.get(point, ()):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def rank_fault(self, step: int) -> None:
+        """A multi-rank job loses one rank at `step`: killed (rank_kill) or hung forever (stall)."""
+        if step in self.plan.get("rank_kill", ()) and self.this_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step in self.plan.get("stall", ()) and self.this_rank:
+            while True:
+                time.sleep(3600)
+
+    def disk_full(self, step: int, path: os.PathLike) -> None:
+        if step in self.plan.get("enospc", ()):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    def poison_loss(self, step: int, *losses: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for point, value in (("nan_loss", float("nan")), ("inf_loss", float("inf"))):
+            if step in self.plan.get(point, ()):
+                return tuple(loss * value for loss in losses)
+        return losses
 
 
-def kill(point: str, step: int) -> None:
-    if step in PLAN.get(point, ()):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _this_rank() -> bool:
-    return os.environ.get("RANK", "0") == os.environ.get("DIFFV2_FAULT_RANK", "0")
-
-
-def rank_fault(step: int) -> None:
-    """A multi-rank job loses one rank at `step`: killed (rank_kill) or hung forever (stall)."""
-    if step in PLAN.get("rank_kill", ()) and _this_rank():
-        os.kill(os.getpid(), signal.SIGKILL)
-    if step in PLAN.get("stall", ()) and _this_rank():
-        while True:
-            time.sleep(3600)
-
-
-def disk_full(step: int, path: os.PathLike) -> None:
-    if step in PLAN.get("enospc", ()):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
-def poison_loss(step: int, *losses: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    for point, value in (("nan_loss", float("nan")), ("inf_loss", float("inf"))):
-        if step in PLAN.get(point, ()):
-            return tuple(loss * value for loss in losses)
-    return losses
+NO_FAULTS = FaultPlan()

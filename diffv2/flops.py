@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from diffv2.attention import output_heads, query_heads
 from diffv2.config import ModelConfig
+from diffv2.heads import output_heads, query_heads
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense datasheet peaks
 

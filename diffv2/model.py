@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffv2.attention import Attention, RMSNorm
+from diffv2.attention import Attention, FusedCombine, RMSNorm
 from diffv2.config import ModelConfig
 from diffv2.loss import linear_cross_entropy
 from diffv2.moe import MoE
@@ -38,10 +38,11 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str,
+                 fused_combine: Optional[FusedCombine] = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_idx, backend)
+        self.attn = Attention(cfg, layer_idx, backend, fused_combine)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         moe = cfg.moe.n_experts > 0
         self.mlp = MoE(cfg.d_model, cfg.moe, layer_idx) if moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
@@ -61,7 +62,8 @@ class Transformer(nn.Module):
         cfg = effective_config(cfg)  # applies param_match (spec A2)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i, backend) for i in range(cfg.n_layers))
+        self.fused_combine = FusedCombine()  # GPU inference's compiled DIFF V2 combine, shared by every layer
+        self.blocks = nn.ModuleList(Block(cfg, i, backend, self.fused_combine) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Per-block outputs go here when set (activation monitoring); None costs nothing.

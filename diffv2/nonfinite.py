@@ -7,7 +7,7 @@ skipped step, so when a stop saves a checkpoint, it holds the last good state. T
 - **fused** (fused Adam/AdamW on plain tensors: the single-device GPU default): the optimizer's own `found_inf`
   flag, set from the loss and the grad norm between clipping and the step (`gate`). The fused kernel then returns
   before touching anything. Cost: a few scalar kernels per step, no copies.
-- **undo** (any other optimizer, sharded parameters): the spike monitor's snapshot (monitoring/skip_step.py):
+- **undo** (any other optimizer, sharded parameters): the spike monitor's snapshot (diffv2/step_undo.py):
   one copy of the local parameters and optimizer state per step (~3x the parameter memory for AdamW), written
   back where the flag is set.
 trainer.nonfinite=ignore turns all of it off.
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from monitoring.skip_step import StepUndo, agree, fused_skip_works
+from diffv2.step_undo import StepUndo, agree, fused_skip_works
 
 
 class NonFiniteGuard:

@@ -41,10 +41,10 @@ from typing import Optional
 
 import torch
 
+from diffv2.callbacks import Callback, StepResult, TrainContext
 from diffv2.signals import (  # noqa: F401 - the exit codes and latch are part of this module's interface
     EXIT_INTERRUPTED, EXIT_PREEMPTED, REQUEUE_SIGNAL, SIGNALS, SignalLatch, exit_code_for, ignore_stop_signals,
     signals_blocked)
-from monitoring.callback import Callback, StepResult, TrainContext
 
 log = logging.getLogger(__name__)
 

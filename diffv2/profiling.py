@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from monitoring.callback import Callback, StepResult, TrainContext
+from diffv2.callbacks import Callback, StepResult, TrainContext
 
 log = logging.getLogger(__name__)
 

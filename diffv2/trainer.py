@@ -1,46 +1,49 @@
-"""The training loop: config -> build (data, model, engine, sinks) -> loop, on one process or many.
+"""The training loop: config -> build (data, model, engine, components) -> loop, on one process or many.
 
-The loop talks to the model and optimizer only through an `Engine` (diffv2/parallel/engine.py): a plain
-single-device one, FSDP2 (shard / hybrid / replicate, with tensor parallelism) or DeepSpeed ZeRO. Every rank runs
-the same loop; rank 0 alone writes the run record, metrics, progress and the checkpoint manifest. Host values that
-decide control flow (resume path, stop reasons) are agreed across ranks, so no rank waits on a collective another
-rank skipped. No host synchronisation inside a step except at log, eval and checkpoint steps. Failure behaviour
-(non-finite steps, a full disk, kills mid-save, a dead rank) is described in docs/reliability.md.
+`Trainer._loop` is the whole loop on one screen; each step calls the components of diffv2/components.py in a fixed
+order (callbacks' step start -> TrainStep -> callbacks' step end -> loss window -> output -> validation -> stop
+agreement -> checkpoint). The loop talks to the model and optimizer only through an engine and asks it what it can
+do (`TrainEngine` in diffv2/parallel/engine.py: plain single device, FSDP2 with tensor/expert parallelism, DeepSpeed
+ZeRO); it never names one. Monitors come from outside (`instrumentation`, wired by train.py), so the core never
+imports monitoring/. Every rank runs the same loop; rank 0 alone writes the run record, metrics, progress and the
+checkpoint manifest. Host values that decide control flow (resume path, stop reasons) are agreed across ranks, so no
+rank waits on a collective another rank skipped. No host synchronisation inside a step except at log, eval and
+checkpoint steps. Failure behaviour (non-finite steps, a full disk, kills mid-save, a dead rank) is described in
+docs/reliability.md.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import random
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diffv2 import checkpoint, faults
+from diffv2 import checkpoint
+from diffv2.callbacks import Instrumentation, StepResult, TrainContext
+from diffv2.components import (CallbackList, LossWindow, RunOutput, TrainStep, Validation, lm_forward,
+                               unwrapped)
 from diffv2.compute_weights import ComputeWeights
 from diffv2.config import Config
+from diffv2.faults import FaultPlan
 from diffv2.flops import count
-from diffv2.kernels import doc_ids_from_tokens, resolve_backend
+from diffv2.kernels import resolve_backend
+from diffv2.memory_check import check_fits
 from diffv2.model import Transformer
 from diffv2.nonfinite import NonFiniteGuard
-from diffv2.memory_check import check_fits
-from diffv2.optim import lr_at, set_lr
+from diffv2.optim import lr_at
+from diffv2.parallel import dist as pdist
+from diffv2.parallel.build import build_engine
 from diffv2.preempt import PreemptionCallback, SignalLatch, ignore_stop_signals, signals_blocked
 from diffv2.profiling import ProfilerCallback
-from diffv2.parallel import dist as pdist
-from diffv2.parallel.engine import build_engine
-from diffv2.record import PROGRESS, write_record
+from diffv2.record import write_record
 from diffv2.run_lock import RunLock
-from monitoring.build import build_monitors
-from monitoring.callback import StepResult, TrainContext, to_host
-from monitoring.sink import MetricSink, final_numbers
+from diffv2.sink import MetricSink, final_numbers
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +67,16 @@ class RunStopped(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, record_yaml: Optional[str] = None,
-                 env: Optional[pdist.DistEnv] = None, signals: Optional[SignalLatch] = None):
+                 env: Optional[pdist.DistEnv] = None, signals: Optional[SignalLatch] = None,
+                 instrumentation: Optional[Instrumentation] = None):
         """`record_yaml`: the resolved config, written with the run record once every start-up check has passed.
         `env`: the launcher's view of this process (default: read from the environment); with more than one
         process the process group starts here (cheap), so ranks can agree on start-up decisions. `signals`: the
         process's stop-signal latch when the caller installed one early (train.py); else the trainer installs it.
-        Rank 0 locks the run directory here (one writer per run directory, diffv2/run_lock.py)."""
+        `instrumentation`: the monitors and W&B renderer to run with (train.py passes monitoring.build's; default:
+        none). Rank 0 locks the run directory here (one writer per run directory, diffv2/run_lock.py)."""
         self.cfg, self.run_dir, self.record_yaml = cfg, run_dir, record_yaml
+        self.instrumentation = instrumentation or Instrumentation()  # monitors + W&B renderer (none by default)
         t = cfg.trainer
         self.preemption = PreemptionCallback(t.preempt_check_interval, t.requeue, latch=signals)
         self.lock: Optional[RunLock] = None
@@ -79,6 +85,7 @@ class Trainer:
         if want_cuda and not torch.cuda.is_available():
             raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
         self.env = env or pdist.detect()
+        self.faults = FaultPlan.from_env(self.env.rank)  # test hooks, armed only by DIFFV2_FAULT (faults.py)
         self.device = pdist.init(self.env, "cuda" if want_cuda else "cpu", cfg.parallel.timeout_s)
         self.rank0 = self.env.rank == 0
         if not self.rank0:  # one console for the job: other ranks report warnings and errors only
@@ -215,14 +222,96 @@ class Trainer:
             self.close()
 
     def _run(self) -> dict:
-        from data.dataset import build_datasets, make_loader
-        from data.tokenizer import load_tokenizer, check_vocab
-
-        cfg, t = self.cfg, self.cfg.trainer
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         meta = checkpoint.read_meta(self.resume_from) if self.resume_from else None
         if meta:
             self._check_compatible(meta)
+        parts = self._build(meta)
+        if isinstance(parts, dict):  # a finished run: every input checked, nothing to train, nothing written
+            return parts
+        summary = {"run_dir": str(self.run_dir)}
+        try:
+            if stop := parts.callbacks.start(parts.ctx, parts.saved_state, self._stop_before_start):
+                log.warning("stopping before the first step: %s", stop)
+                return {**summary, "stopped": stop, "exit_code": self.preemption.exit_code, "started": False}
+            if self.record_yaml is not None and self.rank0:  # only now: a run refused at start-up is left as it was
+                write_record(self.run_dir, self.record_yaml)
+            parts.output = self._output(parts, meta)
+            summary.update(self._loop(parts))
+        except KeyboardInterrupt:  # SIGINT under handlers other than the latch's: out now, W&B left to its exit hook
+            raise
+        except BaseException:
+            if parts.output is not None:
+                parts.output.sink.finish(exit_code=1)  # W&B marks the run failed now, not in its exit hook
+            raise
+        else:
+            # before the callbacks' end (the requeue): `scontrol requeue` makes SLURM SIGTERM the whole job step
+            parts.output.sink.finish()
+        finally:
+            if parts.output is not None:
+                parts.output.close()
+            if parts.train_step is not None:  # a traceback keeps the step's frame alive: let go of its iterator too
+                parts.train_step.batches = None
+            parts.batches = parts.train_step = None  # the only references: DataLoader workers shut down now
+            parts.callbacks.end()
+        return {**summary, **parts.output.summary, "metrics": str(parts.output.sink.path)}
+
+    def _loop(self, p: "_Parts") -> dict:
+        """The training loop (component order: diffv2/components.py)."""
+        t, optim = self.cfg.trainer, self.cfg.optim
+        step, window, out, summary = p.start_step, LossWindow(self.device, p.guard), p.output, {}
+        while step < t.max_steps:
+            lr = lr_at(step, optim, t.max_steps)
+            result = p.train_step(step + 1, lr)
+            step += 1
+            last = step == t.max_steps
+            metrics = {**result.metrics, **p.callbacks.step_end(StepResult(
+                step, result.loss, result.grad_norm, lr, sample_index=(step - 1) * t.global_batch_size,
+                batch_size=t.global_batch_size, data_time_s=result.data_time_s))}
+            window.add(result)
+            if step % t.log_interval == 0 or last:
+                metrics.update(window.metrics(result, lr, step * p.tokens_per_step))
+            metrics = out.log(step, metrics)
+            diverged = p.guard.stop_reason(metrics, step) if "train/nonfinite_streak" in metrics else None
+            if _due(step, t.eval_interval, last):
+                out.validation(step, p.validation(step))
+            stop = pdist.agree_on(diverged or p.callbacks.stop_request())
+            if _due(step, t.ckpt_interval, last) or stop:
+                summary["checkpoint"] = str(self._save(p, step, final=last or bool(stop)))
+            if diverged:
+                raise RunStopped(f"stopped at step {step}: {diverged}; saved as {summary['checkpoint']}")
+            if stop:
+                log.warning("stopping at step %d: %s", step, stop)
+                return {**summary, "stopped": stop, "exit_code": self.preemption.exit_code}
+        return summary
+
+    def _save(self, p: "_Parts", step: int, final: bool) -> Path:
+        cfg, t = self.cfg, self.cfg.trainer
+        if p.guard is not None and p.guard.poisoned():
+            raise RunStopped(
+                f"stopped at step {step}: a step had a non-finite loss or grad norm and the {p.engine.name} engine "
+                f"cannot undo it, so nothing was saved; the newest checkpoint in {self.ckpt_root} holds the last "
+                f"good state (lower optim.lr or check the data, then trainer.resume=auto)")
+        state = {"rng": rng_state(), "monitors": p.callbacks.state_dict()}
+        if p.guard is not None:
+            state["nonfinite"] = p.guard.state_dict()
+        meta = {"model": asdict(cfg.model), "wandb_id": p.output.sink.run_id,
+                "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len, "seed": cfg.seed,
+                "train_samples": t.max_steps * t.global_batch_size, "engine": cfg.parallel.engine,
+                "ep": cfg.parallel.ep}
+        try:
+            return p.checkpointer.save(step, p.engine, trainer_state=state, meta=meta, keep_last=t.keep_last,
+                                       async_save=cfg.parallel.async_checkpoint and not final)
+        except checkpoint.DiskFullError as err:
+            raise RunStopped(f"stopped at step {step}: {err}") from None
+
+    def _build(self, meta: Optional[dict]):
+        """Data, model, engine and the loop's components; a finished run's summary dict instead when there is
+        nothing left to train."""
+        from data.dataset import build_datasets, make_loader
+        from data.tokenizer import check_vocab, load_tokenizer
+
+        cfg, t = self.cfg, self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         if self.device.type == "cpu" and t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -235,17 +324,48 @@ class Trainer:
         )
         if meta and self.replanned_from is not None and meta["step"] < t.max_steps:
             self._announce_continuation(meta, train_ds, tokenizer)
-        if meta and meta["step"] >= t.max_steps:  # every input checked, nothing to train: report it, write nothing
+        if meta and meta["step"] >= t.max_steps:
             self.preemption.on_train_end()
             return {"run_dir": str(self.run_dir), "already_finished": meta["step"], "checkpoint":
                     str(self.resume_from), "metrics": str(self.run_dir / "metrics.jsonl"),
                     **final_numbers(self.run_dir / "metrics.jsonl")}
-        backend = self.backend
+        engine = self._engine()
+        model = engine.model
+        step, trainer_state = 0, {}
+        if self.resume_from:
+            trainer_state = checkpoint.load(self.resume_from, engine)
+            step = meta["step"]
+            log.info("resumed from %s at step %d", self.resume_from, step)
+        guard = self._guard(engine, trainer_state)
+        if "rng" in trainer_state:
+            _restore_rng(trainer_state["rng"])
+
+        loader = make_loader(train_ds, t.micro_batch_size, start_sample=step * t.global_batch_size,
+                             num_workers=cfg.data.num_workers, seed=cfg.seed, worker_init_fn=ignore_stop_signals)
+        with signals_blocked():  # workers start here and must not die of a signal meant for this process
+            batches = iter(loader)
+        eod = tokenizer.eod if cfg.model.attention.doc_mask else None
+        forward = functools.partial(lm_forward(self.device, self.autocast_dtype, eod), model)
+        callbacks, ctx = self._callbacks(engine, valid_ds, step)
+        weights = (ComputeWeights(unwrapped(model), self.autocast_dtype, t.fused_wgrad) if t.bf16_weights
+                   else None)
+        train_step = TrainStep(engine, forward, batches, self.accum, self.device, callbacks, ctx.observers,
+                               cfg.monitoring.observed_micro_batches, guard, weights, cfg.optim.grad_clip,
+                               self.faults)
+        validation = Validation(model, forward, valid_ds, t.eval_batches * t.micro_batch_size // self.dp_size,
+                                t.micro_batch_size, cfg.seed, self.device, self.faults)
+        return _Parts(engine, callbacks, ctx, trainer_state.get("monitors", {}), step, train_step, validation,
+                      guard, checkpoint.Checkpointer(self.ckpt_root, self.faults),
+                      t.global_batch_size * cfg.data.seq_len, batches)
+
+    def _engine(self):
+        """The model, built on this device (or on meta, sharded and materialised by the engine), wrapped."""
+        cfg, t = self.cfg, self.cfg.trainer
         if cfg.parallel.meta_init:  # no memory until the engine has sharded it (then model.materialize)
             with torch.device("meta"):
-                model = Transformer(cfg.model, backend)
+                model = Transformer(cfg.model, self.backend)
         else:
-            model = Transformer(cfg.model, backend).to(self.device)  # same seed on every rank: identical init
+            model = Transformer(cfg.model, self.backend).to(self.device)  # same seed on every rank: identical init
         if t.init_from and not self.resume_from:  # a checkpoint, when there is one, holds newer weights
             from diffv2.weights import load_initial_weights
 
@@ -256,205 +376,66 @@ class Trainer:
             for block in model.blocks:
                 block.compile()
         engine = build_engine(cfg, model, self.device, self.autocast_dtype, materialize=cfg.parallel.meta_init)
-        model, optimizer = engine.model, engine.optimizer
-        # Non-finite steps: our device-side undo, or the engine's own skip (DeepSpeed skips a step whose grad norm is
-        # not finite), or, with neither, detection and a stop without saving.
-        skips_itself = getattr(engine, "skips_nonfinite_steps", False)
+        counts = count(unwrapped(engine.model).cfg, cfg.data.seq_len)
+        self.flops_per_token = counts.flops_per_token
+        log.info("model %s/%s: %s | attention backend %s | %s", cfg.model.name, cfg.model.attention.variant,
+                 counts.table(), self.backend, engine.describe())
+        return engine
+
+    def _guard(self, engine, trainer_state: dict) -> Optional[NonFiniteGuard]:
+        """Non-finite steps: our device-side undo, or the engine's own skip (DeepSpeed skips a step whose grad norm
+        is not finite), or, with neither, detection and a stop without saving."""
+        t = self.cfg.trainer
         nonfinite = t.nonfinite
-        if nonfinite == "skip" and not (engine.supports_undo or skips_itself):
+        if nonfinite == "skip" and not (engine.supports_undo or engine.skips_nonfinite_steps):
             nonfinite = "stop"
             log.warning("trainer.nonfinite=skip needs a step undo, which %s cannot do; a non-finite step stops the "
                         "run instead, keeping the last checkpoint as the good state", engine.name)
-        counts = count(_unwrapped(model).cfg, cfg.data.seq_len)
-        log.info("model %s/%s: %s | attention backend %s | %s", cfg.model.name, cfg.model.attention.variant,
-                 counts.table(), backend, engine.describe())
-
-        step, trainer_state = 0, {}
-        if self.resume_from:
-            trainer_state = checkpoint.load(self.resume_from, engine)
-            step = meta["step"]
-            log.info("resumed from %s at step %d", self.resume_from, step)
-        undo = engine.supports_undo and nonfinite != "ignore"
-        guard = None if nonfinite == "ignore" else NonFiniteGuard(nonfinite, t.max_bad_steps, model, optimizer,
-                                                                   self.device, undo=undo, engine_skips=skips_itself)
-        if guard is not None and "nonfinite" in trainer_state:
+        if nonfinite == "ignore":
+            return None
+        guard = NonFiniteGuard(nonfinite, t.max_bad_steps, engine.model, engine.optimizer, self.device,
+                               undo=engine.supports_undo, engine_skips=engine.skips_nonfinite_steps)
+        if "nonfinite" in trainer_state:
             guard.load_state_dict(trainer_state["nonfinite"])
-        if "rng" in trainer_state:
-            _restore_rng(trainer_state["rng"])
+        return guard
 
-        loader = make_loader(train_ds, t.micro_batch_size, start_sample=step * t.global_batch_size,
-                             num_workers=cfg.data.num_workers, seed=cfg.seed, worker_init_fn=ignore_stop_signals)
-        with signals_blocked():  # workers start here and must not die of a signal meant for this process
-            batches = iter(loader)
-        eod = tokenizer.eod if cfg.model.attention.doc_mask else None
-        tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        zero3 = cfg.parallel.engine == "deepspeed" and cfg.parallel.deepspeed.zero_stage == 3
+    def _callbacks(self, engine, valid_ds, step: int) -> tuple[CallbackList, TrainContext]:
+        """The preemption callback first, the monitors (what the engine lets them read), the profiler last."""
+        cfg, t = self.cfg, self.cfg.trainer
         monitoring = cfg.monitoring
-        if zero3 and monitoring.grad_norms.param_norms:  # ZeRO-3 parameters are empty outside their forward
+        if not engine.params_readable and monitoring.grad_norms.param_norms:
             monitoring = replace(monitoring, grad_norms=replace(monitoring.grad_norms, param_norms=False))
-        monitors = build_monitors(monitoring, t.log_interval)
-        probes = cfg.parallel.tp == 1 and not zero3
+        monitors = self.instrumentation.build_monitors(monitoring, t.log_interval)
+        probes = cfg.parallel.tp == 1 and engine.params_readable
         if not probes and monitors:
             log.warning("%s: probe monitors (attention logits, sinks, value RMS)%s are off%s",
-                        f"parallel.tp={cfg.parallel.tp}" if cfg.parallel.tp > 1 else "DeepSpeed ZeRO-3",
-                        " and parameter norms" if zero3 else "",
-                        ", and λ statistics cover this rank's heads only" if cfg.parallel.tp > 1
-                        else "")
-        monitors.insert(0, self.preemption)
+                        f"parallel.tp={cfg.parallel.tp}" if cfg.parallel.tp > 1 else
+                        f"{engine.describe()} (parameters empty outside forward)",
+                        "" if engine.params_readable else " and parameter norms",
+                        ", and λ statistics cover this rank's heads only" if cfg.parallel.tp > 1 else "")
+        callbacks = [self.preemption, *monitors]
         if t.profile_start:
-            monitors.append(ProfilerCallback(t.profile_start, t.profile_steps, pdist.rank()))
-        ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, run_dir=self.run_dir, device=self.device,
-                           flops_per_token=counts.flops_per_token, tokens_per_step=tokens_per_step, start_step=step,
+            callbacks.append(ProfilerCallback(t.profile_start, t.profile_steps, pdist.rank()))
+        ctx = TrainContext(cfg=cfg, model=engine.model, optimizer=engine.optimizer, run_dir=self.run_dir,
+                           device=self.device, flops_per_token=self.flops_per_token,
+                           tokens_per_step=t.global_batch_size * cfg.data.seq_len, start_step=step,
                            autocast_dtype=self.autocast_dtype,
                            probe_tokens=self._probe_batch(valid_ds) if monitors and probes else None,
-                           named_grads=engine.named_grads)
-        saved = trainer_state.get("monitors", {})
-        summary = {"run_dir": str(self.run_dir)}
-        sink = bar = None
-        console = contextlib.ExitStack()
-        started = []  # monitors whose on_train_start ran (the preemption callback first)
-        try:
-            for m in monitors:
-                if m.name in saved:
-                    m.load_state_dict(saved[m.name])
-                m.on_train_start(ctx)
-                started.append(m)
-                # a signal during start-up: stop before anything (a monitor's log, the record) is written
-                if m is self.preemption and (stop := self.preemption.stop_before_start()):
-                    log.warning("stopping before the first step: %s", stop)
-                    return {**summary, "stopped": stop, "exit_code": self.preemption.exit_code, "started": False}
-            if self.record_yaml is not None and self.rank0:  # only now: a run refused at start-up is left as it was
-                write_record(self.run_dir, self.record_yaml)
-            sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
-                              tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"],
-                              enabled=self.rank0)
-            sink.truncate_after(step)
-            bar = tqdm(total=t.max_steps, initial=step, disable=not (cfg.logging.progress and self.rank0),
-                       unit="step", dynamic_ncols=True)
-            ce_sum, window_steps = torch.zeros((), device=self.device), 0
-            if not bar.disable:  # log lines go through the bar's writer: one coherent console stream
-                console.enter_context(logging_redirect_tqdm())
-            say = (lambda line: (bar.write(line), PROGRESS.info(line))) if self.rank0 else (lambda _: None)
-            weights = (ComputeWeights(_unwrapped(model), self.autocast_dtype, t.fused_wgrad) if t.bf16_weights
-                       else None)
-            observed = cfg.monitoring.observed_micro_batches
-            while step < t.max_steps:
-                lr = lr_at(step, cfg.optim, t.max_steps)
-                set_lr(optimizer, lr)
-                for m in monitors:
-                    m.on_step_start(step + 1)
-                faults.kill("step", step + 1)
-                faults.rank_fault(step + 1)
-                step_loss, data_time = torch.zeros((), device=self.device), 0.0
-                if weights is not None:
-                    weights.refresh()
-                for micro in range(self.accum):
-                    t0 = time.perf_counter()
-                    tokens = next(batches).to(self.device, non_blocking=True)
-                    data_time += time.perf_counter() - t0
-                    # an observed step observes its first `observed` micro-batches; the rest run the unobserved graph
-                    pause = 0 < observed <= micro and ctx.observers.watching
-                    unobserved = ctx.observers.paused() if pause else contextlib.nullcontext()
-                    with unobserved, weights.swapped() if weights is not None else contextlib.nullcontext():
-                        loss, ce, _ = self._forward(model, tokens, eod)
-                        loss, ce = faults.poison_loss(step + 1, loss, ce)
-                        engine.backward(loss / self.accum, last_micro=micro == self.accum - 1)
-                    if weights is not None:
-                        weights.accumulate()
-                    step_loss += ce.detach() / self.accum
-                step_loss = pdist.mean_over_ranks(step_loss)  # async on GPU: no host wait
-                metrics = {k: v for m in monitors for k, v in m.on_before_optimizer_step(step + 1).items()}
-                faults.kill("backward", step + 1)
-                if guard is not None:
-                    guard.before_step()
-                grad_norm = engine.optimizer_step(cfg.optim.grad_clip, guard.gate(step_loss) if guard else None)
-                # MoE aux-loss-free balancing moves the expert biases after every step, outside autograd (no-op if
-                # dense). The biases are buffers, which a skipped step does not restore: their move comes from the
-                # step's integer routing counts (finite even when the loss is not) and is a sign step of fixed size.
-                _unwrapped(model).update_expert_bias()
-                bad = guard.after_step(step_loss, grad_norm) if guard is not None else None
-                engine.zero_grad()
-                step += 1
-                bar.update(1)
-                result = StepResult(step, step_loss, grad_norm, lr, sample_index=(step - 1) * t.global_batch_size,
-                                    batch_size=t.global_batch_size, data_time_s=data_time)
-                metrics.update({k: v for m in monitors for k, v in m.on_step_end(result).items()})
-                if bad is None:
-                    ce_sum, window_steps = ce_sum + step_loss, window_steps + 1
-                else:  # a skipped step stays out of the logged loss average
-                    ce_sum, window_steps = ce_sum + torch.where(bad, 0.0, step_loss), window_steps + ~bad
+                           named_grads=engine.named_grads, disjoint=engine.disjoint)
+        return CallbackList(callbacks), ctx
 
-                last = step == t.max_steps
-                if step % t.log_interval == 0 or last:
-                    metrics.update({"train/loss": ce_sum / window_steps, "train/lr": lr, "grad/norm": grad_norm,
-                                    "train/tokens": step * tokens_per_step})
-                    if guard is not None:
-                        metrics.update(guard.metrics())
-                    ce_sum, window_steps = torch.zeros((), device=self.device), 0
-                if metrics:  # device values become floats only on steps that log
-                    metrics = to_host(metrics)
-                    sink.log(step, metrics)
-                    if "train/loss" in metrics:
-                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
-                        say(_format(step, metrics))
-                        summary["train/loss"] = metrics["train/loss"]
-                faults.kill("logged", step)
-                diverged = guard.stop_reason(metrics, step) if "train/nonfinite_streak" in metrics else None
-                if _due(step, t.eval_interval, last):
-                    faults.kill("eval", step)
-                    val = pdist.mean_over_ranks(self._evaluate(model, valid_ds, eod)).item()
-                    sink.log(step, {"train/val_loss": val})
-                    say(f"step {step:>6} | validation loss {val:.4f}")
-                    summary["train/val_loss"] = val
-                asked = [m.should_stop() for m in monitors]  # every monitor, every rank: some ask collectively
-                stop = pdist.agree_on(diverged or next((r for r in asked if r), None))
-                saving = _due(step, t.ckpt_interval, last) or stop
-                if saving and guard is not None and guard.poisoned():
-                    raise RunStopped(
-                        f"stopped at step {step}: a step had a non-finite loss or grad norm and the {engine.name} "
-                        f"engine cannot undo it, so nothing was saved; the newest checkpoint in {self.ckpt_root} holds "
-                        f"the last good state (lower optim.lr or check the data, then trainer.resume=auto)")
-                if saving:
-                    state = {"rng": rng_state(), "monitors": {m.name: m.state_dict() for m in monitors}}
-                    if guard is not None:
-                        state["nonfinite"] = guard.state_dict()
-                    try:
-                        path = checkpoint.save(
-                            self.ckpt_root, step, engine, trainer_state=state,
-                            meta={"model": asdict(cfg.model), "wandb_id": sink.run_id,
-                                  "samples_consumed": step * t.global_batch_size, "seq_len": cfg.data.seq_len,
-                                  "seed": cfg.seed, "train_samples": t.max_steps * t.global_batch_size,
-                                  "engine": cfg.parallel.engine, "ep": cfg.parallel.ep},
-                            keep_last=t.keep_last, async_save=cfg.parallel.async_checkpoint and not (last or stop),
-                        )
-                    except checkpoint.DiskFullError as err:
-                        raise RunStopped(f"stopped at step {step}: {err}") from None
-                    summary["checkpoint"] = str(path)
-                if diverged:
-                    raise RunStopped(f"stopped at step {step}: {diverged}; saved as {path}")
-                if stop:
-                    log.warning("stopping at step %d: %s", step, stop)
-                    summary["stopped"] = stop
-                    summary["exit_code"] = self.preemption.exit_code
-                    break
-        except KeyboardInterrupt:  # SIGINT under handlers other than the latch's: out now, W&B left to its exit hook
-            raise
-        except BaseException:
-            if sink is not None:
-                sink.finish(exit_code=1)  # W&B marks the run failed now instead of in its interpreter-exit hook
-            raise
-        else:
-            # before the monitors' end (the requeue): `scontrol requeue` makes SLURM SIGTERM the whole job step
-            sink.finish()
-        finally:
-            console.close()
-            if bar is not None:
-                bar.close()
-            batches = loader = None  # the only references: DataLoader workers shut down now, on errors too
-            for m in started:
-                m.on_train_end()
-        summary["metrics"] = str(sink.path)
-        return summary
+    def _stop_before_start(self, callback) -> Optional[str]:
+        """A signal during start-up: stop right after the preemption callback starts, before anything (a monitor's
+        log, the run record) is written."""
+        return self.preemption.stop_before_start() if callback is self.preemption else None
+
+    def _output(self, p: "_Parts", meta: Optional[dict]) -> RunOutput:
+        cfg = self.cfg
+        sink = MetricSink(self.run_dir, cfg.logging.wandb, asdict(cfg), meta.get("wandb_id") if meta else None,
+                          tags=[cfg.model.attention.variant, cfg.model.name, f"lr={cfg.optim.lr:g}"],
+                          enabled=self.rank0, render_matrix=self.instrumentation.render_matrix)
+        sink.truncate_after(p.start_step)
+        return RunOutput(sink, cfg.trainer.max_steps, p.start_step, cfg.logging.progress, self.rank0, self.faults)
 
     def _probe_batch(self, valid_ds) -> Optional[torch.Tensor]:
         """The first monitoring.probe_sequences validation samples: one fixed batch for every probe, no RNG drawn."""
@@ -464,32 +445,23 @@ class Trainer:
         n = min(self.cfg.monitoring.probe_sequences, len(everyone))
         return torch.stack([everyone[i] for i in range(n)]).to(self.device)
 
-    def _forward(self, model, tokens_BN1, eod):
-        x, y = tokens_BN1[:, :-1], tokens_BN1[:, 1:]
-        doc_ids = doc_ids_from_tokens(x, eod) if eod is not None else None
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return model.loss(x, y, doc_ids)
 
-    @torch.no_grad()
-    def _evaluate(self, model, valid_ds, eod) -> torch.Tensor:
-        """Mean validation cross-entropy of this rank's share of the eval_batches x micro_batch_size samples (a
-        device scalar); the ranks' shares interleave, so their mean is the one-process value."""
-        from data.dataset import make_loader
+@dataclass
+class _Parts:
+    """What the loop runs with, built by `Trainer._build`."""
 
-        model.eval()
-        t = self.cfg.trainer
-        rows_left = t.eval_batches * t.micro_batch_size // self.dp_size
-        loader = make_loader(valid_ds, min(t.micro_batch_size, rows_left), start_sample=0, num_workers=0,
-                             seed=self.cfg.seed)
-        total = torch.zeros((), device=self.device)
-        for tokens in loader:
-            tokens = tokens[:rows_left]
-            total += self._forward(model, tokens.to(self.device), eod)[1] * len(tokens)
-            rows_left -= len(tokens)
-            if rows_left == 0:
-                break
-        model.train()
-        return total / (t.eval_batches * t.micro_batch_size // self.dp_size)
+    engine: Any  # a TrainEngine (diffv2/parallel/engine.py)
+    callbacks: CallbackList
+    ctx: TrainContext
+    saved_state: dict  # the callbacks' checkpointed state
+    start_step: int
+    train_step: Optional[TrainStep]
+    validation: Validation
+    guard: Optional[NonFiniteGuard]
+    checkpointer: checkpoint.Checkpointer
+    tokens_per_step: int
+    batches: Any  # the training DataLoader's iterator (its workers live as long as it does)
+    output: Optional[RunOutput] = None  # metrics file, W&B, console: made once the start-up has passed
 
 
 def _outcome(fn):
@@ -507,11 +479,6 @@ def _unwrap(outcome):
     return value
 
 
-def _unwrapped(model):
-    """The Transformer inside an engine's wrapper (FSDP2 keeps the object itself; DeepSpeed holds it in .module)."""
-    return getattr(model, "module", model)
-
-
 def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -521,13 +488,3 @@ def _restore_rng(state: dict) -> None:
 def _due(step: int, interval: int, last: bool) -> bool:
     """Every `interval` steps and at the last one; 0 = only at the last step; -1 = never (benchmarks)."""
     return interval > 0 and step % interval == 0 or (last and interval >= 0)
-
-
-def _format(step: int, metrics: dict) -> str:
-    parts = [f"step {step:>6}", f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",
-             f"grad {metrics['grad/norm']:.3f}"]
-    if "perf/tokens_per_s" in metrics:
-        parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tok/s")
-    if "perf/mfu" in metrics:
-        parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
-    return " | ".join(parts)

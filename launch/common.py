@@ -46,7 +46,7 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 def check_config(overrides: list[str], world_size: int):
-    """train.py's own start-up validation, now: the composed config checked by `diffv2.config.validate` for
+    """train.py's own start-up validation, now: the composed config checked by `diffv2.validate.validate` for
     `world_size` processes (global batch vs micro-batch x data-parallel ranks, tensor/expert parallel sizes, head
     layout, ...). Returns the typed config; raises ValueError with train.py's one-line message."""
     from hydra import compose, initialize_config_dir
@@ -54,7 +54,8 @@ def check_config(overrides: list[str], world_size: int):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from diffv2.config import register_configs, validate
+    from diffv2.config import register_configs
+    from diffv2.validate import validate
 
     register_configs()
     try:

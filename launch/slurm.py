@@ -12,7 +12,7 @@ untracked-but-not-ignored files, never runs/) into RUN_DIR/code and every start 
 restart runs the code the run began with, whatever happened to the checkout since. srun starts one
 `python train.py` per GPU (per task in a CPU job); each finds its rank, local rank and world size in SLURM's
 variables and the rendezvous in MASTER_ADDR/MASTER_PORT, which the script exports. Before anything is written
-the composed config is checked as train.py checks it, for the job's task count (diffv2.config.validate), so a
+the composed config is checked as train.py checks it, for the job's task count (diffv2.validate.validate), so a
 job that would fail at start-up is never queued. Every value from the command line reaches the shell through
 shlex.quote: the script runs no text it was given. docs/launch.md has the details.
 """
@@ -218,7 +218,8 @@ def check_interpreter(python: str) -> None:
         out = subprocess.run([python, "-c", "import torch, hydra, omegaconf"], capture_output=True, text=True,
                              timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise ValueError(f"--python {python} does not run ({e}); give the interpreter of the project's environment")
+        raise ValueError(f"--python {python} does not run ({e}); give the interpreter of the project's "
+                         "environment") from None
     if out.returncode != 0:
         lines = (out.stderr or out.stdout).strip().splitlines()
         why = lines[-1] if lines else f"exit {out.returncode}"

@@ -1,1 +1,1 @@
-"""Training-health monitoring: metric sinks (metrics.jsonl, W&B) and the callbacks the trainer drives."""
+"""Training-health monitoring: monitors (callbacks the trainer drives, defined in diffv2/callbacks.py)."""

@@ -11,8 +11,8 @@ import logging
 
 import torch
 
+from diffv2.callbacks import Callback, StepResult, TrainContext, every
 from monitoring.attention_math import logit_max_abs
-from monitoring.callback import Callback, StepResult, TrainContext, every
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import logging
 
 import torch
 
+from diffv2.callbacks import Callback, StepResult, TrainContext, every
 from monitoring.attention_math import sink_and_entropy
-from monitoring.callback import Callback, StepResult, TrainContext, every
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,17 @@
 
 The spike monitor comes first so that a skipped step is undone before any other monitor reads parameters;
 the throughput monitor comes last so that its step time includes the work of the monitors before it.
+`instrumentation()` is what train.py (the composition root) hands the trainer: these monitors and the W&B heatmap
+renderer (the core never imports monitoring/).
 """
 
 from __future__ import annotations
 
+from diffv2.callbacks import Callback, Instrumentation
 from diffv2.config import MonitoringConfig
 from monitoring.activations import ActivationMonitor
 from monitoring.attention_logits import AttentionLogitMonitor
 from monitoring.attention_sinks import AttentionSinkMonitor
-from monitoring.callback import Callback
 from monitoring.context_rms import ContextRMSMonitor
 from monitoring.grad_norms import GradNormMonitor
 from monitoring.lambda_stats import LambdaMonitor
@@ -38,3 +40,14 @@ def build_monitors(cfg: MonitoringConfig, log_interval: int = 10) -> list[Callba
     if cfg.perf.enabled:
         monitors.append(PerfMonitor(cfg.perf.interval or log_interval))
     return monitors
+
+
+def instrumentation() -> Instrumentation:
+    """The monitors of cfg.monitoring and the W&B heatmap renderer, for Trainer(instrumentation=...)."""
+    return Instrumentation(build_monitors=build_monitors, render_matrix=_heatmap)
+
+
+def _heatmap(rows, key):
+    from monitoring.plots import heatmap_image  # matplotlib only once W&B receives a matrix (as today)
+
+    return heatmap_image(rows, key)

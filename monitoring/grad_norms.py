@@ -1,17 +1,9 @@
 """Gradient norms: global pre/post clip, clip coefficient, per layer and per module kind; parameter norms and
 the update/parameter ratio per layer.
 
-Sharded correctness. Every norm is the square root of a sum of squares, and sums of squares add over disjoint
-pieces. Each tensor contributes the sum of squares of its *local* values (one fused `torch._foreach_norm`);
-contributions are added into one vector of buckets (kinds, layers), and that vector gets a single
-`all_reduce(SUM)` when a process group is up. A DTensor shard (FSDP2 `Shard`, TP) contributes its local
-piece divided by the number of ranks that replicate it (its `Replicate` mesh dims), so the world-wide sum counts
-every element once; a plain tensor (single device, or DDP where every rank holds the full gradient) is already
-the full value and is divided by the world size before the reduction. `Partial` placements are refused:
-reduce-scatter them first. An engine that keeps gradients outside `param.grad` (DeepSpeed ZeRO) supplies
-`TrainContext.named_grads` yielding its local partitions wrapped in `ShardedLocal(tensor)`, which count as
-disjoint shards. Assumes every rank holds a piece of the same parameters (FSDP/TP/DDP meshes spanning all
-ranks); pipeline stages would need per-stage weights.
+Sharded correctness: every norm is a world-wide sum of squares of local pieces (`local_piece`, `bucket_sum_squares` in
+diffv2/parallel/norms.py, whose docstring has the rules); meshes of expert-parallel shards come from the engine as
+`TrainContext.disjoint`.
 
 Post-clip norm and clip coefficient follow `torch.nn.utils.clip_grad_norm_`: coef = min(1, max / (norm + 1e-6)).
 
@@ -27,28 +19,16 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 
-try:
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-except ImportError:  # torch built without distributed
-    DTensor = None
-
-from monitoring.callback import Callback, StepResult, TrainContext, every
+from diffv2.callbacks import Callback, StepResult, TrainContext, every
+from diffv2.parallel.norms import bucket_sum_squares, local_piece
 
 KINDS = ("q", "k", "v", "o", "lambda", "mlp", "router", "experts", "embed", "norm", "other")
 _LAYER = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 SAMPLE_MIN = 1 << 20  # local pieces this large keep a 1-in-k sample for the update norm (see module doc)
-
-
-class ShardedLocal:
-    """Marks a plain local tensor as this rank's disjoint shard of a larger tensor (e.g. a ZeRO partition)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
 
 
 def kind_of(name: str) -> str:
@@ -75,73 +55,6 @@ def kind_of(name: str) -> str:
 def layer_of(name: str) -> Optional[int]:
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-_DISJOINT: dict = {}  # mesh -> how many groups of ranks outside it hold disjoint values (expert parallelism)
-
-
-def _mesh_key(mesh) -> tuple:
-    return (mesh.device_type, tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
-
-
-def mark_disjoint_mesh(mesh, groups: int) -> None:
-    """DTensors on `mesh` hold different values on `groups` groups of ranks outside it (e.g. the ep ranks that
-    hold other experts), so their norms add over those ranks instead of counting replicas."""
-    _DISJOINT[_mesh_key(mesh)] = groups
-
-
-def local_piece(t) -> tuple[torch.Tensor, float]:
-    """This rank's values of t and the weight of their sum of squares in a world-wide SUM (see module doc)."""
-    if isinstance(t, ShardedLocal):
-        return t.tensor.detach(), 1.0
-    if DTensor is not None and isinstance(t, DTensor):
-        if any(isinstance(p, Partial) for p in t.placements):
-            raise ValueError("grad norms need reduced gradients; got a DTensor with a Partial placement")
-        # Replicated along its Replicate mesh dims, and over every rank outside its mesh (e.g. embeddings sharded
-        # over the data-parallel mesh are the same on each tensor-parallel rank), except where the ranks outside
-        # hold different values (expert parallelism: other experts).
-        replicas = _world() // t.device_mesh.size() // _DISJOINT.get(_mesh_key(t.device_mesh), 1)
-        for dim, p in enumerate(t.placements):
-            if isinstance(p, Replicate):
-                replicas *= t.device_mesh.size(dim)
-        return t.to_local().detach(), 1.0 / replicas
-    return t.detach(), 1.0 / _world()
-
-
-class _Plan:
-    """Device index tensors for one layout of pieces, built once (no host-to-device copies per reading)."""
-
-    def __init__(self, pieces, device: torch.device):
-        groups: dict[tuple, list[int]] = {}
-        for i, (t, _, _) in enumerate(pieces):
-            groups.setdefault((t.device, t.dtype), []).append(i)
-        self.groups = [(idx, torch.tensor(idx, device=device)) for idx in groups.values()]
-        rows = [(i, b, w) for i, (_, w, buckets) in enumerate(pieces) for b in buckets]
-        self.src = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
-        self.dst = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
-        self.weight = torch.tensor([r[2] for r in rows], dtype=torch.float32, device=device)
-
-
-def bucket_sum_squares(pieces: list[tuple[torch.Tensor, float, Sequence[int]]], n_buckets: int,
-                       device: torch.device, plans: Optional[dict] = None) -> torch.Tensor:
-    """Global sum of squares per bucket, (n_buckets,), from (local tensor, weight, buckets it counts in) pieces:
-    one fused norm kernel per (device, dtype) group and one all_reduce for all buckets together. `plans`
-    caches the index tensors per layout across calls."""
-    key = tuple((t.device, t.dtype, w, tuple(b)) for t, w, b in pieces)
-    plans = {} if plans is None else plans
-    plan = plans.get(key) or plans.setdefault(key, _Plan(pieces, device))
-    sq = torch.zeros(len(pieces), dtype=torch.float32, device=device)
-    for idx, idx_t in plan.groups:
-        sq[idx_t] = torch.stack(torch._foreach_norm([pieces[i][0] for i in idx])).float().to(device).square()
-    sums = torch.zeros(n_buckets, dtype=torch.float32, device=device)
-    sums.index_add_(0, plan.dst, sq[plan.src] * plan.weight)
-    if _world() > 1:
-        dist.all_reduce(sums)
-    return sums
 
 
 def sample_stride(t: torch.Tensor, k: int) -> int:
@@ -196,7 +109,7 @@ class GradNormMonitor(Callback):
     def on_before_optimizer_step(self, step: int) -> dict:
         if not every(step, self.interval, self.last):
             return {}
-        pieces = [(*local_piece(g), self._buckets(n)) for n, g in self._named_grads()]
+        pieces = [(*local_piece(g, self.ctx.disjoint), self._buckets(n)) for n, g in self._named_grads()]
         sums = bucket_sum_squares(pieces, len(self.kinds) + len(self.layers) + 1, self.ctx.device, self._plans).sqrt()
         self._metrics = {f"grad/norm_kind/{k}": sums[i] for i, k in enumerate(self.kinds)}
         for i, layer in enumerate(self.layers):
@@ -204,7 +117,7 @@ class GradNormMonitor(Callback):
         if self.param_norms:
             self._before = []
             for _, p in self.params:
-                t, w = local_piece(p)
+                t, w = local_piece(p, self.ctx.disjoint)
                 stride = sample_stride(t, self.update_sample)
                 sample = _sampled(t, stride)
                 # weight x numel / samples: the sample's sum of squares estimates the whole tensor's
@@ -231,7 +144,7 @@ class GradNormMonitor(Callback):
             layer = layer_of(name)
             return [offset + nl] + ([offset + self.layers.index(layer)] if layer is not None else [])
 
-        now = [local_piece(p) for _, p in self.params]
+        now = [local_piece(p, self.ctx.disjoint) for _, p in self.params]
         olds = [old for old, _, _ in before]
         torch._foreach_sub_(olds, [_sampled(t, k) for (t, _), (_, _, k) in zip(now, before)])
         pieces = []  # olds now hold -update (or a sample of it): same norm

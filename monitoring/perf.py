@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from diffv2.callbacks import Callback, StepResult, TrainContext, every
 from diffv2.flops import peak_flops
-from monitoring.callback import Callback, StepResult, TrainContext, every
 
 
 class PerfMonitor(Callback):

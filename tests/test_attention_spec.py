@@ -21,15 +21,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import diffv2.attention as attention_mod  # noqa: E402
-from diffv2.attention import Attention, validate_heads  # noqa: E402
+from diffv2.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.flops import attention_params  # noqa: E402
+from diffv2.heads import validate_heads  # noqa: E402
 from diffv2.kernels import causal_attention  # noqa: E402
 from diffv2.model import Transformer  # noqa: E402
 from diffv2.rope import RotaryEmbedding  # noqa: E402
 from tests import reference as ref  # noqa: E402
 from tests.builders import make_attention, model_cfg  # noqa: E402
-from tests.reference import assert_rel_close, init_sharp_, weights  # noqa: E402
+from tests.reference import assert_rel_close, weights  # noqa: E402
 
 # Spec §8 suggested grid (B, N, D, h, h_kv, d); odd N exercises tiling edges.
 GRID = [(2, 37, 256, 4, 2, 64), (1, 128, 512, 8, 8, 64), (2, 64, 512, 8, 1, 64), (1, 257, 1024, 16, 4, 64)]

@@ -114,12 +114,26 @@ def test_the_weight_gradient_goes_into_fp32_in_one_gemm_on_a_gpu():
     grad = torch.randn(512, 768, device="cuda", generator=g)
     exact = dy.double().t() @ x.double()
     want = grad.double() + exact
-    compute_weights.wgrad_into_(grad, dy, x)
-    assert compute_weights._FUSED_GEMM["ok"] is True
+    assert compute_weights.probe_fused_gemm(torch.device("cuda"))
+    compute_weights.wgrad_into_(grad, dy, x, True)
     # fp32 sums of 4096 products of size ~1 (sums ~64): ~1e-3 of summation-order noise; bf16 rounding is ~0.1
     torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=5e-3)
     err_bf16 = ((dy.t() @ x).double() - exact).abs().max()  # autocast's bf16 dW: rounded before the fp32 add
     assert (grad.double() - want).abs().max() < 0.1 * err_bf16
+
+
+def test_the_fused_gemm_probe_is_stored_and_passed_to_the_layers():
+    """The "one GEMM into fp32" capability is probed once when ComputeWeights is built (False off CUDA), kept on it and
+    handed to each fused Linear, so the custom op keeps no state of its own."""
+    from diffv2 import compute_weights
+
+    assert compute_weights.probe_fused_gemm(torch.device("cpu")) is False
+    weights = ComputeWeights(Transformer(tiny("diffv2")), BF16)
+    fused = [m for m in weights.linears if m is not None]
+    assert weights.fused_gemm is False and fused and all(m.fused_gemm is False for m in fused)
+    forced = ComputeWeights(Transformer(tiny("diffv2")), BF16, fused_gemm=True)
+    assert forced.fused_gemm is True and all(m.fused_gemm is True for m in forced.linears if m is not None)
+    assert ComputeWeights(Transformer(tiny("diffv2")), BF16, fused_wgrad=False).fused_gemm is False
 
 
 def test_refresh_follows_the_optimizer_step():

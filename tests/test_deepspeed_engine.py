@@ -16,7 +16,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -204,7 +203,7 @@ def _train_steps(engine, cfg, data, steps, record_grads: bool) -> dict:
 
 
 def _run(name, stage, precision, offload, overrides, data, ckpt: Path) -> dict:
-    from diffv2.parallel.engine import build_engine
+    from diffv2.parallel.build import build_engine
 
     cfg = make_cfg(stage, precision, offload, **overrides)
     torch.manual_seed(0)
@@ -431,7 +430,7 @@ SINGLE = """
 import importlib, json, torch
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 from diffv2.model import Transformer
-from diffv2.parallel.engine import build_engine
+from diffv2.parallel.build import build_engine
 from tests.test_deepspeed_engine import batch, make_cfg
 cfg = make_cfg(3)
 torch.manual_seed(0)

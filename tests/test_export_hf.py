@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data.tokenizer import ByteTokenizer  # noqa: E402
-from watched import run_watched
+from watched import run_watched  # noqa: E402
 from diffv2.config import MoEConfig  # noqa: E402
 from diffv2.export_hf import REMOTE_FILES, main as export_main, verify, write_hf  # noqa: E402
 from diffv2.generate import Sampling, generate, main as generate_main  # noqa: E402

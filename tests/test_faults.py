@@ -26,7 +26,7 @@ from diffv2 import checkpoint
 from diffv2.parallel.engine import Engine
 from diffv2.config import ModelConfig
 from diffv2.model import Transformer
-from monitoring.sink import rewind_jsonl
+from diffv2.sink import rewind_jsonl
 
 RUN = ["trainer.max_steps=12", "trainer.log_interval=1", "trainer.ckpt_interval=2", "trainer.eval_interval=4",
        "trainer.keep_last=2"]

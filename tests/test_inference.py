@@ -7,7 +7,6 @@ tests/test_model.py check against the independent fp64 reference.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from watched import run_watched
+from watched import run_watched  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.generate import Sampling, generate, main as generate_main, sample  # noqa: E402
 from diffv2.inference import cast_weights  # noqa: E402

@@ -196,7 +196,7 @@ def test_sbatch_first_start_snapshots_code_and_resolved_config(job):
     assert not (code / "runs").exists() and not (code / ".git").exists()
     assert not list(job.run_dir.glob(".code-tmp-*"))
     config = (job.run_dir / "launch" / "config.yaml").read_text()
-    assert "seed: 3" in config and f"resume: auto" in config
+    assert "seed: 3" in config and "resume: auto" in config
     info = (job.run_dir / "launch" / "snapshot.txt").read_text()
     assert f"source: {ROOT}" in info and f"job: {JOB_ID}" in info
 
@@ -645,7 +645,7 @@ def test_preemption_callback_in_process():
 def test_preemption_signal_in_the_last_step_just_finishes(tmp_path, monkeypatch):
     """The run ends at max_steps anyway: no preemption stop, exit code None (0), nothing to requeue."""
     import torch
-    from monitoring.callback import StepResult
+    from diffv2.callbacks import StepResult
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     ctx = SimpleNamespace(run_dir=tmp_path, start_step=0, cfg=SimpleNamespace(trainer=SimpleNamespace(max_steps=2)))

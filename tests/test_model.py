@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from diffv2.attention import _FUSED, Attention, combine, fused_combine, lambda_init, validate_heads  # noqa: E402
+from diffv2.attention import Attention, FusedCombine, combine, lambda_init  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.flops import attention_core_flops, attention_params, count, mlp_params  # noqa: E402
+from diffv2.heads import validate_heads  # noqa: E402
 from diffv2.kernels import causal_attention, doc_ids_from_tokens, resolve_backend  # noqa: E402
 from diffv2.loss import linear_cross_entropy  # noqa: E402
 from diffv2.model import Transformer, with_attention  # noqa: E402
@@ -101,9 +102,10 @@ def test_fused_combine_matches_eager_on_strided_pair_views(lambda_mode):
     attn_BNQD = torch.randn(3, 5, 8, 16).bfloat16()
     lam_BNH = torch.randn(3, 5, 4).bfloat16()
     a1, a2 = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
-    ctx, scale = fused_combine()(a1, a2, lam_BNH, lambda_mode, fp32)
+    fused = FusedCombine()
+    ctx, scale = fused(a1, a2, lam_BNH, lambda_mode, fp32)
     ctx_ref, scale_ref = combine(a1, a2, lam_BNH, lambda_mode, fp32)
-    assert not _FUSED.get("broken"), "the compiled combine fell back to eager"
+    assert not fused.broken, "the compiled combine fell back to eager"
     assert ctx.dtype == ctx_ref.dtype == torch.bfloat16 and ctx.shape == ctx_ref.shape == (3, 5, 4, 16)
     torch.testing.assert_close(ctx.float(), ctx_ref.float(), rtol=2**-7, atol=1e-6)
     assert (ctx.float() - ctx_ref.float()).abs().max() <= 2**-7 * ctx_ref.float().abs().max()

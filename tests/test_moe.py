@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,11 +24,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from watched import run_watched
-from diffv2.config import Config, ModelConfig, MoEConfig, register_configs, validate
+from diffv2.callbacks import TrainContext, to_host
+from diffv2.config import Config, ModelConfig, MoEConfig, register_configs
 from diffv2.flops import count
 from diffv2.model import Transformer
 from diffv2.moe import GroupedExperts, MoE, load_balance_loss, route
-from monitoring.callback import TrainContext, to_host
+from diffv2.validate import validate
 from monitoring.moe import MoEMonitor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from diffv2.attention import Attention, lambda_init
-from diffv2.config import Config, ModelConfig, MonitoringConfig, validate_monitoring
+from diffv2.callbacks import StepResult, TrainContext, to_host
+from diffv2.config import Config, ModelConfig, MonitoringConfig
 from diffv2.model import Transformer, with_attention
+from diffv2.validate import validate_monitoring
 from monitoring.activations import ActivationMonitor, residual_stats
 from monitoring.attention_math import lambda_scale, logits, pairs, project_qk, sink_and_entropy
 from monitoring.attention_sinks import AttentionSinkMonitor
 from monitoring.build import build_monitors
-from monitoring.callback import StepResult, TrainContext, to_host
 from monitoring.context_rms import ContextRMSMonitor, context_rms_H, floor_H
 from monitoring import grad_norms
 from monitoring.grad_norms import GradNormMonitor, kind_of, layer_of
@@ -164,7 +165,7 @@ def _sharded_worker(rank: int, init: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from monitoring.grad_norms import bucket_sum_squares, local_piece
+    from diffv2.parallel.norms import bucket_sum_squares, local_piece
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))

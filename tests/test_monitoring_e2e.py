@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from watched import run_watched
 from monitoring import compare
-from test_train import ROOT, read_metrics, run_train  # the same SMALL model and entry point as the trainer tests
+from test_train import read_metrics, run_train  # the same SMALL model and entry point as the trainer tests
 
 # Intervals small enough that every monitor fires within 12 steps; spike warm-up shorter than the run.
 MON = ["trainer.max_steps=12", "trainer.log_interval=2", "trainer.eval_interval=6", "trainer.ckpt_interval=6",

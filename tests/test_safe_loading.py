@@ -12,7 +12,6 @@ import ast
 import json
 import pickle
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -305,7 +304,6 @@ def test_genuine_checkpoint_still_loads_exactly(tmp_path):
 def test_sharded_fsdp2_checkpoint_loads(tmp_path):
     """FSDP2 (DTensor) checkpoints name the same metadata classes: the allowlist does not break sharded resumes."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -99,9 +98,9 @@ def test_a_group_signal_saves_stops_and_resumes_bit_exactly(runs, name, code):
     assert first.returncode == code, (first.stdout + first.stderr)[-3000:]
     no_traceback(first)
     assert 3 <= stopped_at < 12
-    assert f"checkpoint saved; run the same command again to resume" in first.stdout + first.stderr
+    assert "checkpoint saved; run the same command again to resume" in first.stdout + first.stderr
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from" in rerun.stdout and f"at step {stopped_at}" in rerun.stdout
+    assert "resumed from" in rerun.stdout and f"at step {stopped_at}" in rerun.stdout
     same_run(runs["root"] / name, runs["reference"])
     assert not (runs["root"] / name / "metrics.rewound.jsonl").exists()  # nothing logged past the checkpoint
 

@@ -122,7 +122,7 @@ def _check_decode(name, full, sharded, tokens_BN) -> None:
 
 def _check_clip(full, sharded) -> None:
     """Gradient clipping over plain and DTensor parameters gives tp=1's norm and clipped gradients."""
-    from diffv2.parallel.engine import clip_grad_norm as clip_grad_norm_
+    from diffv2.parallel.norms import clip_grad_norm as clip_grad_norm_
 
     want = torch.nn.utils.clip_grad_norm_(full.parameters(), 0.5)
     got = clip_grad_norm_(sharded.parameters(), 0.5)
@@ -156,7 +156,7 @@ def _check_fsdp_composition(cfg) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from diffv2.model import Transformer
-    from diffv2.parallel.engine import clip_grad_norm as clip_grad_norm_
+    from diffv2.parallel.norms import clip_grad_norm as clip_grad_norm_
     from diffv2.parallel.tensor import apply_tensor_parallel
 
     mesh = init_device_mesh("cpu", (1, TP), mesh_dim_names=("dp", "tp"))

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from watched import run_watched
 from diffv2 import checkpoint
-from diffv2.config import Config, register_configs, validate
+from diffv2.config import Config, register_configs
+from diffv2.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()

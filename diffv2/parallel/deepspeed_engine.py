@@ -48,7 +48,8 @@ from torch import nn
 
 from diffv2.optim import build_optimizer, param_groups
 from diffv2.parallel import dist as pdist
-from diffv2.parallel.engine import Engine, _tensor_bytes
+from diffv2.parallel.engine import Engine, tensor_bytes
+from diffv2.parallel.norms import ShardedLocal
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class DeepSpeedEngine(Engine):
         ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                       dist_init_required=not torch.distributed.is_initialized())
         self.ds, self.stage, self.device = ds, ds.zero_optimization_stage(), device
+        self.params_readable = self.stage != 3  # ZeRO-3 parameters are empty outside their module's forward
         if self.stage == 3:  # used outside lm_head's forward (Transformer.loss / forward): gather it with the root
             deepspeed.zero.register_external_parameter(model, model.lm_head_weight)
 
@@ -201,8 +203,6 @@ class DeepSpeedEngine(Engine):
         sums of squares add over ranks). Valid between the last backward of a step and optimizer_step."""
         from deepspeed.utils import safe_get_local_grad
 
-        from monitoring.grad_norms import ShardedLocal
-
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
@@ -230,10 +230,10 @@ class DeepSpeedEngine(Engine):
         """This rank's optimizer partition (fp32 master weights + AdamW moments) plus, on rank 0 below ZeRO-3, the
         module weights DeepSpeed writes there (a lower bound)."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        total = _tensor_bytes([p for g in inner.param_groups for p in g["params"]])
-        total += sum(_tensor_bytes(s) for s in inner.state.values())
+        total = tensor_bytes([p for g in inner.param_groups for p in g["params"]])
+        total += sum(tensor_bytes(s) for s in inner.state.values())
         if self.stage in (1, 2) and pdist.rank() == 0:
-            total += _tensor_bytes(list(self.model.parameters()))
+            total += tensor_bytes(list(self.model.parameters()))
         return total
 
     def save(self, directory: Path, async_ok: bool = False) -> None:

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+# The gloo group for host-side agreement: it lives and dies with torch's process-wide default group (init, shutdown).
 _CONTROL: Optional[Any] = None
-_TIMEOUT_S: float = 0.0
 # What a collective raises when a peer died (connection closed) or stalled past the timeout: torch's DistError
 # family, or (gloo on CPU) a RuntimeError from the transport.
 _PEER_LOST = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe|gloo|nccl|socket", re.I)
@@ -83,10 +83,10 @@ def is_peer_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and bool(_PEER_LOST.search(str(err)))
 
 
-def explain_timeout(err: BaseException) -> str:
+def explain_timeout(err: BaseException, timeout_s: float) -> str:
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return (f"rank {rank()}: a collective with the other ranks failed ({first}); another rank died or stalled "
-            f"longer than parallel.timeout_s={_TIMEOUT_S:g}s. Check the other ranks' logs, then relaunch: "
+            f"longer than parallel.timeout_s={timeout_s:g}s. Check the other ranks' logs, then relaunch: "
             f"trainer.resume=auto continues from the last checkpoint")
 
 
@@ -100,8 +100,7 @@ def rank() -> int:
 
 def init(found: DistEnv, device_type: str, timeout_s: float) -> torch.device:
     """Start the default process group (NCCL on GPU, gloo on CPU) and return this process's device."""
-    global _CONTROL, _TIMEOUT_S
-    _TIMEOUT_S = timeout_s
+    global _CONTROL
     device = torch.device("cpu")
     if device_type == "cuda":
         if torch.cuda.device_count() <= found.local_rank:

@@ -1,6 +1,6 @@
 """Distributed engines behind one small interface: the training loop calls only what `Engine` defines.
 
-    engine = build_engine(cfg, model, device)        # wraps the model, builds the optimizer
+    engine = build_engine(cfg, model, device)        # diffv2.parallel.build: wraps the model, builds the optimizer
     loss = engine.model.loss(x, y, doc_ids)[0]        # the wrapped model keeps Transformer's methods
     engine.backward(loss / accum, last_micro)         # gradient accumulation: sync on the last micro-batch
     grad_norm = engine.optimizer_step(max_norm)       # clip + step; the global pre-clip norm, a device scalar
@@ -21,10 +21,9 @@ One process with tp=1 wraps nothing: the engine is then the plain single-device 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -32,34 +31,63 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from diffv2 import safe_load
-from diffv2.optim import build_optimizer
 from diffv2.parallel import dist as pdist
+from diffv2.parallel.norms import DisjointMeshes, clip_grad_norm
 
 log = logging.getLogger(__name__)
 
 
-def _tensor_bytes(state) -> int:
+def tensor_bytes(state) -> int:
     if isinstance(state, torch.Tensor):
         local = state.to_local() if hasattr(state, "to_local") else state
         return local.numel() * local.element_size()
     if isinstance(state, dict):
-        return sum(_tensor_bytes(v) for v in state.values())
+        return sum(tensor_bytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in state)
+        return sum(tensor_bytes(v) for v in state)
     return 0
 
 
+class TrainEngine(Protocol):
+    """What the training loop (diffv2/trainer.py) needs of an engine: the step, the checkpoint I/O, and the
+    capabilities it declares, so the loop asks what an engine can do and never which engine it is."""
+
+    name: str  # for messages
+    model: nn.Module  # the wrapped model: it keeps Transformer's methods (loss, update_expert_bias)
+    optimizer: torch.optim.Optimizer
+    supports_undo: bool  # NonFiniteGuard can snapshot and restore parameters and optimizer state in place
+    skips_nonfinite_steps: bool  # the engine itself skips a step whose global grad norm is not finite
+    params_readable: bool  # parameters hold their values between steps (False: ZeRO-3 empties them outside forward)
+    named_grads: Optional[Callable[[], Iterable[tuple[str, torch.Tensor]]]]  # local gradient pieces; None: .grad
+    disjoint: DisjointMeshes  # meshes whose outside ranks hold other values (sharded grad norms)
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None: ...
+    def optimizer_step(self, max_norm: float, gate: Optional[Callable[[torch.Tensor], None]] = None
+                       ) -> torch.Tensor: ...
+    def zero_grad(self) -> None: ...
+    def state_bytes(self) -> int: ...
+    def save(self, directory: Path, async_ok: bool = False) -> None: ...
+    def wait(self) -> None: ...
+    def load(self, directory: Path) -> None: ...
+    def describe(self) -> str: ...
+
+
 class Engine:
-    """The loop's view of a (possibly distributed) model + optimizer."""
+    """The loop's view of a (possibly distributed) model + optimizer (implements `TrainEngine`)."""
 
     name = "single"
     supports_undo = True  # NonFiniteGuard can snapshot and restore parameters and optimizer state in place
+    skips_nonfinite_steps = False  # a non-finite step is the guard's business (undo, or detect and stop)
+    params_readable = True  # parameters hold their values between steps, so monitors and probes may read them
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int = 0, dp_size: int = 1,
+                 disjoint: Optional[DisjointMeshes] = None):
         self.model, self.optimizer = model, optimizer
         self.dp_rank, self.dp_size = dp_rank, dp_size  # this rank's data shard, and how many shards there are
         self.named_grads: Optional[Callable[[], Iterable[tuple[str, torch.Tensor]]]] = None  # None = param.grad
         self._plans: dict = {}  # index tensors of the sharded grad-norm reduction, built once (no per-step copies)
+        # meshes whose outside ranks hold other values (expert parallelism), for the sharded grad norms
+        self.disjoint = disjoint if disjoint is not None else DisjointMeshes()
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         loss.backward()
@@ -68,7 +96,8 @@ class Engine:
         """`gate(norm)`, if given, runs between clipping and the step (the non-finite guard's fused skip)."""
         # The optimizer's own parameters: FSDP2 swaps a module's registered parameters for unsharded copies while
         # it is gathered (e.g. after a no-grad probe forward), so model.parameters() can miss the sharded grads.
-        norm = clip_grad_norm((p for g in self.optimizer.param_groups for p in g["params"]), max_norm, self._plans)
+        norm = clip_grad_norm((p for g in self.optimizer.param_groups for p in g["params"]), max_norm, self._plans,
+                              self.disjoint)
         if gate is not None:
             gate(norm)
         self.optimizer.step()
@@ -79,7 +108,7 @@ class Engine:
 
     def state_bytes(self) -> int:
         """Bytes this rank will write for model + optimizer (a lower bound; formats add metadata)."""
-        return _tensor_bytes(self._state())
+        return tensor_bytes(self._state())
 
     def _state(self) -> dict:
         """{"model": ..., "optim": ...} as DCP saves and loads them (fully qualified names as keys)."""
@@ -109,26 +138,6 @@ class Engine:
         return "single device"
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, plans: Optional[dict] = None) -> torch.Tensor:
-    """Global pre-clip L2 norm over every rank's gradients (plain, DDP-replicated or DTensor shards on any mesh),
-    then clip in place; no host synchronisation. A non-finite norm leaves gradients non-finite (the guard skips)."""
-    from monitoring.grad_norms import bucket_sum_squares, local_piece
-
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    device = params[0].grad.device
-    if pdist.world_size() == 1 and not any(hasattr(p.grad, "to_local") for p in params):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    pieces = [(t, w, (0,)) for t, w in (local_piece(p.grad) for p in params)]
-    norm = bucket_sum_squares(pieces, 1, device, plans)[0].sqrt()
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
-        torch._foreach_mul_(grads, coef)
-    return norm
-
-
 class FSDPEngine(Engine):
     name = "fsdp"
 
@@ -152,8 +161,9 @@ class FSDPEngine(Engine):
         # Under expert parallelism each ep rank's experts are different tensors under the same names: checkpoints
         # keep them apart by name (".ep<rank>of<ep>"), so an EP checkpoint resumes with the same parallel.ep.
         self.ep_suffix = ""
+        disjoint = DisjointMeshes()
         if p.ep > 1:
-            ep_rank = self._shard_experts(model, device, dp, p, policy)
+            ep_rank = self._shard_experts(model, device, dp, p, policy, disjoint)
             self.ep_suffix = f".ep{ep_rank}of{p.ep}"
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
@@ -163,12 +173,12 @@ class FSDPEngine(Engine):
         if materialize:
             model.materialize(device, cfg.parallel.meta_init_draw, cfg.seed)
         # Mesh ranks are row-major over (dp_replicate, dp_shard, tp): the ranks of one TP group read the same data.
-        super().__init__(model, optimizer_builder(model), pdist.rank() // p.tp, dp)
+        super().__init__(model, optimizer_builder(model), pdist.rank() // p.tp, dp, disjoint=disjoint)
         self.layout = f"{p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}"
         self._pending = None
 
     @staticmethod
-    def _shard_experts(model: nn.Module, device: torch.device, dp: int, p, policy) -> None:
+    def _shard_experts(model: nn.Module, device: torch.device, dp: int, p, policy, disjoint: DisjointMeshes) -> int:
         """Expert parallelism composed with FSDP2 (torchtitan's dp_mod_ep): the dp ranks form (dp/ep, ep); each of
         the ep ranks of a group holds E/ep experts (tokens reach them by all-to-all, diffv2/parallel/expert.py), and
         the dp/ep ranks holding the same experts FSDP-shard them. Every other parameter is sharded over all dp ranks.
@@ -177,7 +187,6 @@ class FSDPEngine(Engine):
         from torch.distributed.fsdp import fully_shard
 
         from diffv2.parallel.expert import apply_expert_parallel
-        from monitoring.grad_norms import mark_disjoint_mesh
 
         ep_mesh = init_device_mesh(device.type, (dp // p.ep, p.ep), mesh_dim_names=("dp_mod_ep", "ep"))
         apply_expert_parallel(model, ep_mesh["ep"].get_group())
@@ -185,7 +194,7 @@ class FSDPEngine(Engine):
         for moe in model.moe_layers():
             fully_shard(moe.experts, mesh=experts_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
             moe.experts.set_gradient_divide_factor(float(dp))
-        mark_disjoint_mesh(experts_mesh, p.ep)  # grad norms: the ep ranks outside this mesh hold other experts
+        disjoint.mark(experts_mesh, p.ep)  # grad norms: the ep ranks outside this mesh hold other experts
         return ep_mesh["ep"].get_local_rank()
 
     def _state(self) -> dict:
@@ -236,20 +245,3 @@ def _dp_layout(mode: str, dp: int, group: int) -> tuple[int, int]:
         raise ValueError(f"parallel.shard_group_size={group} does not divide the {dp} data-parallel ranks; set "
                          f"parallel.shard_group_size to a divisor (usually the GPUs per node)")
     return dp // group, group
-
-
-def build_engine(cfg, model: nn.Module, device: torch.device, param_dtype=None, materialize: bool = False) -> Engine:
-    """Wrap `model` (already on `device`) for cfg.parallel and build its optimizer; `param_dtype` is the compute
-    dtype FSDP casts parameters to (bf16 when training in bf16, else None = the stored fp32). `materialize`: the
-    model was built on the meta device; it is allocated and initialised after sharding, before the optimizer."""
-    p = cfg.parallel
-    builder = lambda m: build_optimizer(m, cfg.optim, device)  # noqa: E731 - the optimizer must see wrapped params
-    if p.engine == "deepspeed":
-        from diffv2.parallel.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg, device)
-    if pdist.world_size() == 1 and p.tp == 1:
-        if materialize:
-            model.materialize(device, p.meta_init_draw, cfg.seed)
-        return Engine(model, builder(model))
-    return FSDPEngine(model, builder, cfg, device, param_dtype, materialize)

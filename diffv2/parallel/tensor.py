@@ -22,7 +22,7 @@ mesh["dp"] (torchtitan order). After TP, an attention module's n_q / n_out / n_k
 its `tp` is the degree; KVCache.for_model sizes the cache from it. Monitors see the local heads only (the context
 RMS monitor gathers the head shards of each TP group at its logging steps).
 The model then mixes plain and DTensor parameters (on two meshes once FSDP2 shards it), which
-torch.nn.utils.clip_grad_norm_ cannot stack: the engines clip with `diffv2.parallel.engine.clip_grad_norm`.
+torch.nn.utils.clip_grad_norm_ cannot stack: the engines clip with `diffv2.parallel.norms.clip_grad_norm`.
 
 Legend: B batch, N sequence, M d_model.
 """
@@ -41,12 +41,12 @@ from torch.distributed.tensor.parallel import (
 )
 
 from diffv2.config import ModelConfig
+from diffv2.flops import effective_config
+from diffv2.heads import output_heads, query_heads, validate_heads
 
 
 def _tp_divisors(cfg: ModelConfig) -> dict[str, int]:
     """Every count a TP degree must divide, by name (spec R5; DIFF V1 shards its h/2 and h_kv/2 heads of 2d)."""
-    from diffv2.attention import output_heads, query_heads
-
     a, h, hkv = cfg.attention, cfg.n_heads, cfg.n_kv_heads
     counts = {"n_kv_heads": hkv, "n_heads": h, "query heads": query_heads(cfg), "output heads": output_heads(cfg)}
     if a.variant == "diffv1":
@@ -57,9 +57,6 @@ def _tp_divisors(cfg: ModelConfig) -> dict[str, int]:
 
 def validate_tp(model_cfg: ModelConfig, tp: int) -> None:
     """One-line ValueError when `tp` cannot shard this model so that outputs and gradients match tp=1 (spec T14)."""
-    from diffv2.attention import validate_heads
-    from diffv2.flops import effective_config
-
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor parallel degree tp={tp!r} must be a positive integer")
     validate_heads(model_cfg)

@@ -1,8 +1,9 @@
 """Where metrics go: `metrics.jsonl` in the run directory (always) and W&B (online, offline or disabled).
 
 Values are floats, nested lists (layer x head matrices) or `Table`s (rows to append). In metrics.jsonl a
-matrix stays a nested list and a Table becomes a list of {column: value} dicts; in W&B a matrix becomes a
-heatmap image and a Table an incrementally logged `wandb.Table`.
+matrix stays a nested list and a Table becomes a list of {column: value} dicts; in W&B a matrix becomes an
+image drawn by the injected `render_matrix` (train.py plugs in monitoring/plots.py's heatmap) and a Table an
+incrementally logged `wandb.Table`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
+from diffv2.callbacks import Table
 from diffv2.config import WandbConfig
-from monitoring.callback import Table
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,13 @@ def has_wandb_key() -> bool:
 
 class MetricSink:
     def __init__(self, run_dir: Path, cfg: WandbConfig, config_dict: dict, run_id: Optional[str], tags: list[str],
-                 enabled: bool = True):
+                 enabled: bool = True, render_matrix: Optional[Callable[[list, str], Any]] = None):
         """`enabled=False` (every rank but 0 of a distributed run) writes nothing anywhere. `run_id`: the W&B run to
-        continue (from the checkpoint); else the one this run directory started, else a new one."""
+        continue (from the checkpoint); else the one this run directory started, else a new one. `render_matrix`
+        (value, key) -> image: how W&B shows a nested-list metric (monitoring/plots.py's heatmap, plugged in by
+        train.py); without it the nested list goes to W&B as it is. metrics.jsonl is the same either way."""
         self.path = run_dir / "metrics.jsonl"
+        self.render_matrix = render_matrix
         self.run = None
         self.enabled = enabled
         mode = resolve_wandb_mode(cfg.mode)
@@ -121,10 +125,8 @@ class MetricSink:
             for row in value.rows:
                 self._tables[key].add_data(*[json.dumps(v) if isinstance(v, list) else v for v in row])
             return self._tables[key]
-        if isinstance(value, list) and value and isinstance(value[0], list):
-            from monitoring.plots import heatmap_image
-
-            return wandb.Image(heatmap_image(value, key))
+        if isinstance(value, list) and value and isinstance(value[0], list) and self.render_matrix is not None:
+            return wandb.Image(self.render_matrix(value, key))
         return value
 
     def truncate_after(self, step: int) -> None:

@@ -1,5 +1,8 @@
 """The one interface between the training loop and every monitor (OLMo-core style callbacks).
 
+This module defines the loop <-> callback protocol (the core's side); the monitors themselves live in monitoring/
+and are plugged in by the composition root (train.py).
+
 The loop calls these hooks in order each step; a monitor does its work only on its own interval and returns
 metrics as a dict (values may be device tensors: the loop converts them with `to_host` on steps that log
 only, in one transfer, so monitors cause no host synchronisation on other steps). Monitors see the model, the
@@ -14,7 +17,9 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from monitoring.observers import ObserverHub, ProbeBatch
+from diffv2.config import MonitoringConfig
+from diffv2.observers import ObserverHub, ProbeBatch
+from diffv2.parallel.norms import DisjointMeshes
 
 
 @dataclass
@@ -32,8 +37,9 @@ class TrainContext:
     autocast_dtype: Optional[torch.dtype] = None  # the training forward's autocast (probe passes use the same)
     probe_tokens: Optional[torch.Tensor] = None  # a fixed validation batch (B, N+1) for probe statistics
     # (name, local gradient tensor) pairs; None = the model's param.grad. An engine that keeps gradients outside
-    # param.grad (DeepSpeed ZeRO partitions) supplies its local shards here (see monitoring/grad_norms.py).
+    # param.grad (DeepSpeed ZeRO partitions) supplies its local shards here (see diffv2/parallel/norms.py).
     named_grads: Optional[Callable[[], Iterable[tuple[str, torch.Tensor]]]] = None
+    disjoint: Optional[DisjointMeshes] = None  # the engine's expert-parallel meshes (diffv2/parallel/norms.py)
     extra: dict = field(default_factory=dict)
     observers: ObserverHub = field(init=False)
     probe: Optional[ProbeBatch] = field(init=False)
@@ -92,6 +98,17 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+MonitorFactory = Callable[[MonitoringConfig, int], list[Callback]]  # (cfg.monitoring, log_interval) -> monitors
+
+
+@dataclass(frozen=True)
+class Instrumentation:
+    """What the composition root (train.py) plugs into the trainer; the core never imports monitoring/."""
+
+    build_monitors: MonitorFactory = lambda cfg, log_interval: []  # default: no monitors
+    render_matrix: Optional[Callable[[list, str], Any]] = None  # nested-list metric -> image for W&B
 
 
 def every(step: int, interval: int, last: int = 0) -> bool:
