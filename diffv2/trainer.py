@@ -249,9 +249,9 @@ class Trainer:
         finally:
             if parts.output is not None:
                 parts.output.close()
-            if parts.train_step is not None:  # a traceback keeps the step's frame alive: let go of its iterator too
-                parts.train_step.batches = None
-            parts.batches = parts.train_step = None  # the only references: DataLoader workers shut down now
+            # the train step holds the only reference to the DataLoader's iterator (a traceback may keep the step's
+            # frame alive): let go of it, so the workers shut down now
+            parts.train_step.batches = None
             parts.callbacks.end()
         return {**summary, **parts.output.summary, "metrics": str(parts.output.sink.path)}
 
@@ -329,7 +329,7 @@ class Trainer:
             return {"run_dir": str(self.run_dir), "already_finished": meta["step"], "checkpoint":
                     str(self.resume_from), "metrics": str(self.run_dir / "metrics.jsonl"),
                     **final_numbers(self.run_dir / "metrics.jsonl")}
-        engine = self._engine()
+        engine, flops_per_token = self._engine()
         model = engine.model
         step, trainer_state = 0, {}
         if self.resume_from:
@@ -346,7 +346,7 @@ class Trainer:
             batches = iter(loader)
         eod = tokenizer.eod if cfg.model.attention.doc_mask else None
         forward = functools.partial(lm_forward(self.device, self.autocast_dtype, eod), model)
-        callbacks, ctx = self._callbacks(engine, valid_ds, step)
+        callbacks, ctx = self._callbacks(engine, valid_ds, step, flops_per_token)
         weights = (ComputeWeights(unwrapped(model), self.autocast_dtype, t.fused_wgrad) if t.bf16_weights
                    else None)
         train_step = TrainStep(engine, forward, batches, self.accum, self.device, callbacks, ctx.observers,
@@ -356,10 +356,11 @@ class Trainer:
                                 t.micro_batch_size, cfg.seed, self.device, self.faults)
         return _Parts(engine, callbacks, ctx, trainer_state.get("monitors", {}), step, train_step, validation,
                       guard, checkpoint.Checkpointer(self.ckpt_root, self.faults),
-                      t.global_batch_size * cfg.data.seq_len, batches)
+                      t.global_batch_size * cfg.data.seq_len)
 
-    def _engine(self):
-        """The model, built on this device (or on meta, sharded and materialised by the engine), wrapped."""
+    def _engine(self) -> tuple[Any, float]:
+        """The model, built on this device (or on meta, sharded and materialised by the engine), wrapped; and its
+        training FLOPs per token."""
         cfg, t = self.cfg, self.cfg.trainer
         if cfg.parallel.meta_init:  # no memory until the engine has sharded it (then model.materialize)
             with torch.device("meta"):
@@ -377,10 +378,9 @@ class Trainer:
                 block.compile()
         engine = build_engine(cfg, model, self.device, self.autocast_dtype, materialize=cfg.parallel.meta_init)
         counts = count(unwrapped(engine.model).cfg, cfg.data.seq_len)
-        self.flops_per_token = counts.flops_per_token
         log.info("model %s/%s: %s | attention backend %s | %s", cfg.model.name, cfg.model.attention.variant,
                  counts.table(), self.backend, engine.describe())
-        return engine
+        return engine, counts.flops_per_token
 
     def _guard(self, engine, trainer_state: dict) -> Optional[NonFiniteGuard]:
         """Non-finite steps: our device-side undo, or the engine's own skip (DeepSpeed skips a step whose grad norm
@@ -399,7 +399,7 @@ class Trainer:
             guard.load_state_dict(trainer_state["nonfinite"])
         return guard
 
-    def _callbacks(self, engine, valid_ds, step: int) -> tuple[CallbackList, TrainContext]:
+    def _callbacks(self, engine, valid_ds, step: int, flops_per_token: float) -> tuple[CallbackList, TrainContext]:
         """The preemption callback first, the monitors (what the engine lets them read), the profiler last."""
         cfg, t = self.cfg, self.cfg.trainer
         monitoring = cfg.monitoring
@@ -417,7 +417,7 @@ class Trainer:
         if t.profile_start:
             callbacks.append(ProfilerCallback(t.profile_start, t.profile_steps, pdist.rank()))
         ctx = TrainContext(cfg=cfg, model=engine.model, optimizer=engine.optimizer, run_dir=self.run_dir,
-                           device=self.device, flops_per_token=self.flops_per_token,
+                           device=self.device, flops_per_token=flops_per_token,
                            tokens_per_step=t.global_batch_size * cfg.data.seq_len, start_step=step,
                            autocast_dtype=self.autocast_dtype,
                            probe_tokens=self._probe_batch(valid_ds) if monitors and probes else None,
@@ -455,12 +455,11 @@ class _Parts:
     ctx: TrainContext
     saved_state: dict  # the callbacks' checkpointed state
     start_step: int
-    train_step: Optional[TrainStep]
+    train_step: TrainStep
     validation: Validation
     guard: Optional[NonFiniteGuard]
     checkpointer: checkpoint.Checkpointer
     tokens_per_step: int
-    batches: Any  # the training DataLoader's iterator (its workers live as long as it does)
     output: Optional[RunOutput] = None  # metrics file, W&B, console: made once the start-up has passed
 
 
