@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from diffv2.signals import SignalLatch
+from diffv2.train.signals import SignalLatch
 
 # First, before the imports below (seconds of start-up): a SIGUSR1/SIGTERM/Ctrl-C from now on is recorded, and
 # the run stops cleanly at its first step boundary instead of dying half-started.
@@ -36,7 +36,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from diffv2.config import Config, register_configs, run_name_problem, unknown_keys  # noqa: E402
-from diffv2.validate import validate  # noqa: E402
+from diffv2.train.validate import validate  # noqa: E402
 
 # megatron-core announces at import that optional NVIDIA extensions are absent; nothing here uses them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -49,10 +49,10 @@ HYDRA_BOILERPLATE = ("full_key:", "reference_type=", "object_type=", "See https:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(dcfg: DictConfig) -> dict:
-    from diffv2.trainer import RunStopped, Trainer
+    from diffv2.train.trainer import RunStopped, Trainer
 
     from diffv2.parallel import dist as pdist
-    from diffv2.sink import wandb_problem
+    from diffv2.train.sink import wandb_problem
     from monitoring.build import instrumentation  # the composition root: the core never imports monitoring/
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -98,7 +98,7 @@ def main(dcfg: DictConfig) -> dict:
 
 
 def _newest_checkpoint(run_dir: Path) -> str:
-    from diffv2 import checkpoint
+    from diffv2.train import checkpoint
 
     found = checkpoint.list_checkpoints(run_dir / "checkpoints")
     return (f"the newest checkpoint {found[-1]} is intact (checkpoints are renamed into place only when complete); "
@@ -108,7 +108,7 @@ def _newest_checkpoint(run_dir: Path) -> str:
 def _remove_fresh(run_dir: Path) -> None:
     """Remove a run directory this start created, if it holds nothing but a run lock that nobody holds (never
     anyone's files). Rank 0 only: the ranks share the directory."""
-    from diffv2.run_lock import remove_unheld
+    from diffv2.train.run_lock import remove_unheld
 
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
         return

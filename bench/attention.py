@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffv2.attention import Attention  # noqa: E402
+from diffv2.model.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.kernels import (  # noqa: E402
+from diffv2.model.kernels import (  # noqa: E402
     causal_attention, doc_cu_seqlens, doc_ids_from_tokens, fa4_available, flash_attn_available, resolve_backend,
 )
-from diffv2.record import versions  # noqa: E402
+from diffv2.train.record import versions  # noqa: E402
 
 ARMS = {
     "baseline_h": dict(variant="baseline"),

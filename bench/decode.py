@@ -33,14 +33,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffv2 import attention  # noqa: E402
+from diffv2.model import attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.flops import attention_params, effective_config, mlp_params  # noqa: E402
-from diffv2.inference import cast_weights  # noqa: E402
-from diffv2.kernels import resolve_backend  # noqa: E402
-from diffv2.kv_cache import KVCache  # noqa: E402
-from diffv2.model import Transformer  # noqa: E402
-from diffv2.record import versions  # noqa: E402
+from diffv2.model.flops import attention_params, effective_config, mlp_params  # noqa: E402
+from diffv2.infer.inference import cast_weights  # noqa: E402
+from diffv2.model.kernels import resolve_backend  # noqa: E402
+from diffv2.model.kv_cache import KVCache  # noqa: E402
+from diffv2.model.transformer import Transformer  # noqa: E402
+from diffv2.train.record import versions  # noqa: E402
 
 ARMS = {"baseline": AttentionConfig(variant="baseline"), "diffv2": AttentionConfig(variant="diffv2")}
 GIB = 2**30

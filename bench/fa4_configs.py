@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.attention import bench_ms  # noqa: E402
-from diffv2.kernels import fa4_unavailable  # noqa: E402
-from diffv2.record import versions  # noqa: E402
+from diffv2.model.kernels import fa4_unavailable  # noqa: E402
+from diffv2.train.record import versions  # noqa: E402
 
 # Forward variants: keyword arguments of FA4's _flash_attn_fwd (tile_mn, pack_gqa). Default: 128x128, pack_gqa on
 # for GQA. Wider tile_n trades registers for fewer K/V loads; all fit the hd128 register budget (2 MMA warp groups).

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.flops import count, effective_config  # noqa: E402
-from diffv2.heads import output_heads, query_heads  # noqa: E402
+from diffv2.model.flops import count, effective_config  # noqa: E402
+from diffv2.model.heads import output_heads, query_heads  # noqa: E402
 
 GB = 2**30
 HBM = {"H100": 79.6, "H200": 139.8}  # GiB a process can allocate (torch.cuda.mem_get_info totals)

@@ -88,7 +88,7 @@ def due_intervals(run_dir: Path) -> dict:
     """{monitor: interval} of the enabled health monitors, from the run's resolved config."""
     from omegaconf import OmegaConf
 
-    mon = OmegaConf.load(run_dir / "config.yaml").monitoring  # the run record (diffv2/record.py)
+    mon = OmegaConf.load(run_dir / "config.yaml").monitoring  # the run record (diffv2/train/record.py)
     if not mon.enabled:
         return {}
     return {name: OmegaConf.select(mon, key) for name, key in DUE

@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.inference import cast_weights, resolve_device  # noqa: E402
-from diffv2.kernels import flash_attn_available  # noqa: E402
-from diffv2.kv_cache import KVCache  # noqa: E402
-from diffv2.model import Transformer  # noqa: E402
-from diffv2.record import versions  # noqa: E402
+from diffv2.infer.inference import cast_weights, resolve_device  # noqa: E402
+from diffv2.model.kernels import flash_attn_available  # noqa: E402
+from diffv2.model.kv_cache import KVCache  # noqa: E402
+from diffv2.model.transformer import Transformer  # noqa: E402
+from diffv2.train.record import versions  # noqa: E402
 from tests.reference import init_sharp_  # noqa: E402
 
 VARIANTS = {"diffv2": {}, "baseline": {"variant": "baseline"}, "diffv1": {"variant": "diffv1"}}

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffv2.record import versions  # noqa: E402
+from diffv2.train.record import versions  # noqa: E402
 
 PARALLEL = {"fsdp": "parallel=fsdp", "ddp": "parallel=ddp", "zero2": "parallel=zero2", "zero3": "parallel=zero3"}
 

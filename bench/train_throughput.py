@@ -2,7 +2,7 @@
 
 Each arm runs the real trainer (data pipeline, compiled blocks, fused AdamW, fused cross-entropy) for --steps
 steps on the shipped sample corpus, and reports tokens/s, TFLOP/s and MFU from the trainer's own metrics
-(FLOPs from diffv2/flops.py, DIFF V2's extra query heads counted), peak memory and data-loading share. MFU is
+(FLOPs from diffv2/model/flops.py, DIFF V2's extra query heads counted), peak memory and data-loading share. MFU is
 against the dense BF16 datasheet peak (989 TFLOP/s for H100/H200); the table also gives the ratio to the
 measured 8192^3 bf16 matmul rate of the same GPU. --accum K runs K micro-batches per optimizer step, as a real
 run with a global batch larger than one micro-batch does (the optimizer, clipping and grad-norm work is then paid
@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffv2.record import versions  # noqa: E402
+from diffv2.train.record import versions  # noqa: E402
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -61,8 +61,8 @@ def run_arm(args, arm: str, run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     from omegaconf import OmegaConf
 
     from diffv2.config import register_configs
-    from diffv2.trainer import Trainer
-    from diffv2.validate import validate
+    from diffv2.train.trainer import Trainer
+    from diffv2.train.validate import validate
     from monitoring.build import instrumentation
 
     register_configs()

@@ -112,7 +112,7 @@ class HFTokenizer(Tokenizer):
     def hf_config(self, model_max_length: int = NO_LENGTH_LIMIT) -> dict:
         """tokenizer_config.json for transformers' standard PreTrainedTokenizerFast (no custom code): eos = our
         end-of-document token, pad = ours (eos when there is none), no bos; text that spells a special token stays
-        text (split_special_tokens), as `encode` does; left padding and no token_type_ids, as diffv2.export_hf."""
+        text (split_special_tokens), as `encode` does; left padding and no token_type_ids, as diffv2.infer.export_hf."""
         pad = self.pad if self.pad >= 0 else self.eod
         return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
                 "eos_token": self._tok.id_to_token(self.eod), "pad_token": self._tok.id_to_token(pad),

@@ -1,6 +1,6 @@
 """The config schema: every key, its type, default and one-line doc. YAML under configs/ only picks values.
 
-Registered with Hydra's ConfigStore by `register_configs()`; `diffv2.validate.validate(cfg)` turns every user mistake
+Registered with Hydra's ConfigStore by `register_configs()`; `diffv2.train.validate.validate(cfg)` turns every user mistake
 we can see before start-up into one ValueError line that names the key, the value and the fix.
 """
 
@@ -114,10 +114,10 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept on disk
     resume: str = "auto"  # auto (latest valid checkpoint in the run dir) | none | path to a checkpoint
     init_from: Optional[str] = None  # a fresh run starts from these weights: a safetensors state dict (python -m
-    # diffv2.weights export) or an HF export directory; ignored when resuming from a checkpoint
+    # diffv2.infer.weights export) or an HF export directory; ignored when resuming from a checkpoint
     compile: bool = False  # torch.compile each block
     bf16_weights: bool = False  # bf16 Linear weights cast once per optimizer step, not per micro-batch (one process,
-    # bf16 autocast; see diffv2/compute_weights.py)
+    # bf16 autocast; see diffv2/train/compute_weights.py)
     # bf16_weights: each Linear's weight gradient is added into the fp32 .grad by its GEMM (CUDA: summed in fp32, not
     # rounded to bf16 first); false = a bf16 gradient, then the add (autocast's arithmetic exactly, on GPU too)
     fused_wgrad: bool = True
@@ -127,7 +127,7 @@ class TrainerConfig:
     preempt_check_interval: int = 1  # steps between the ranks' agreement on a received SIGUSR1/SIGTERM (save + stop)
     requeue: bool = True  # after a SIGUSR1 stop under SLURM, `scontrol requeue` the job (it resumes automatically)
     profile_start: int = 0  # > 0: profile optimizer steps profile_start .. + profile_steps - 1 (torch.profiler; trace
-    # and operator table per rank under <run_dir>/profile/, see diffv2/profiling.py); 0 = off
+    # and operator table per rank under <run_dir>/profile/, see diffv2/train/profiling.py); 0 = off
     profile_steps: int = 3
 
 

@@ -46,7 +46,7 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 def check_config(overrides: list[str], world_size: int):
-    """train.py's own start-up validation, now: the composed config checked by `diffv2.validate.validate` for
+    """train.py's own start-up validation, now: the composed config checked by `diffv2.train.validate.validate` for
     `world_size` processes (global batch vs micro-batch x data-parallel ranks, tensor/expert parallel sizes, head
     layout, ...). Returns the typed config; raises ValueError with train.py's one-line message."""
     from hydra import compose, initialize_config_dir
@@ -55,7 +55,7 @@ def check_config(overrides: list[str], world_size: int):
     from omegaconf.errors import OmegaConfBaseException
 
     from diffv2.config import register_configs
-    from diffv2.validate import validate
+    from diffv2.train.validate import validate
 
     register_configs()
     try:

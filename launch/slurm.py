@@ -6,13 +6,13 @@
     python -m launch.slurm ... --dry-run -- ...     # print the script, submit nothing
 
 The script asks SLURM for SIGUSR1 `--signal-lead` seconds before the time limit and to allow requeueing; the
-training's preemption callback (diffv2/preempt.py) then saves a checkpoint, stops and requeues the job, and the
+training's preemption callback (diffv2/train/preempt.py) then saves a checkpoint, stops and requeues the job, and the
 restart resumes (`trainer.resume=auto`). On its first start the job copies the repository's code (tracked and
 untracked-but-not-ignored files, never runs/) into RUN_DIR/code and every start runs from that copy, so a
 restart runs the code the run began with, whatever happened to the checkout since. srun starts one
 `python train.py` per GPU (per task in a CPU job); each finds its rank, local rank and world size in SLURM's
 variables and the rendezvous in MASTER_ADDR/MASTER_PORT, which the script exports. Before anything is written
-the composed config is checked as train.py checks it, for the job's task count (diffv2.validate.validate), so a
+the composed config is checked as train.py checks it, for the job's task count (diffv2.train.validate.validate), so a
 job that would fail at start-up is never queued. Every value from the command line reaches the shell through
 shlex.quote: the script runs no text it was given. docs/launch.md has the details.
 """

@@ -7,7 +7,7 @@
 A suite file names a Hydra experiment, overrides for every run and phases; a phase is a list of grids
 {attention: A|[A...], lr: X|[X...]|NAME, seed: S|[S...], overrides: [...]} expanded to runs named `{attention}-lr{lr}-s{seed}`
 under OUT/runs/. LR names (`normal`, `large`) come from --lr or, if not given, from the finished sweep phase
-(monitoring.claims.pick_lrs). A run whose OUT/runs/NAME/suite_status.json records success is skipped, so a
+(analysis.claims.pick_lrs). A run whose OUT/runs/NAME/suite_status.json records success is skipped, so a
 suite interrupted anywhere is finished by running the same command again; runs that are identical in two phases
 are trained once. Each run's console goes to OUT/logs/NAME.log; OUT/suite-PHASE.json lists every run and its outcome.
 With no GPU the runs go one after another on the CPU (for tests and dry runs with tiny overrides).
@@ -205,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lrs = parse_lrs(args.lr)
         needs_names = any(isinstance(v, str) for g in suite["phases"][args.phase] for v in _as_list(g.get("lr")))
         if needs_names and not lrs:
-            from monitoring.claims import pick_lrs
+            from analysis.claims import pick_lrs
 
             lrs = pick_lrs(out)["lrs"]
             print(f"suite: learning rates from the sweep: {', '.join(f'{k}={v:g}' for k, v in lrs.items())}")

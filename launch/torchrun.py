@@ -7,7 +7,7 @@
 
 A thin wrapper over `python -m torch.distributed.run` (= torchrun) that checks the overrides first, runs the
 same interpreter as itself, and lets torchrun forward SIGUSR1 as well as SIGTERM to the workers, giving them
-`--shutdown-timeout` seconds to reach a step boundary and save (diffv2/preempt.py) before it kills them. The
+`--shutdown-timeout` seconds to reach a step boundary and save (diffv2/train/preempt.py) before it kills them. The
 command is executed directly (no shell): override values reach train.py verbatim.
 """
 

@@ -1,1 +1,1 @@
-"""Training-health monitoring: monitors (callbacks the trainer drives, defined in diffv2/callbacks.py)."""
+"""Training-health monitoring: monitors (callbacks the trainer drives, defined in diffv2/train/callbacks.py)."""

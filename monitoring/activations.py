@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from diffv2.callbacks import Callback, TrainContext, every
+from diffv2.train.callbacks import Callback, TrainContext, every
 
 
 def residual_stats(x: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from diffv2.callbacks import Callback, StepResult, TrainContext, every
+from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
 from monitoring.attention_math import logit_max_abs
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from diffv2.attention import Attention
+from diffv2.model.attention import Attention
 
 MAX_ENTRIES = 1 << 26
 

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from diffv2.callbacks import Callback, StepResult, TrainContext, every
+from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
 from monitoring.attention_math import sink_and_entropy
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ renderer (the core never imports monitoring/).
 
 from __future__ import annotations
 
-from diffv2.callbacks import Callback, Instrumentation
+from diffv2.train.callbacks import Callback, Instrumentation
 from diffv2.config import MonitoringConfig
 from monitoring.activations import ActivationMonitor
 from monitoring.attention_logits import AttentionLogitMonitor

@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from diffv2.callbacks import Callback, StepResult, TrainContext, every
+from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
 from diffv2.parallel.norms import bucket_sum_squares, local_piece
 
 KINDS = ("q", "k", "v", "o", "lambda", "mlp", "router", "experts", "embed", "norm", "other")

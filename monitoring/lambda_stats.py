@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from diffv2.callbacks import Callback, TrainContext, every
+from diffv2.train.callbacks import Callback, TrainContext, every
 from monitoring.ranks import over_ranks
 
 MAX_SAMPLES = 1 << 16  # sigmoid(lambda) values per layer and step for the quantiles, over all ranks (about)

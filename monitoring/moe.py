@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from diffv2.callbacks import Callback, TrainContext, every
+from diffv2.train.callbacks import Callback, TrainContext, every
 
 
 class MoEMonitor(Callback):

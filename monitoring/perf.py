@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from diffv2.callbacks import Callback, StepResult, TrainContext, every
-from diffv2.flops import peak_flops
+from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
+from diffv2.model.flops import peak_flops
 
 
 class PerfMonitor(Callback):

@@ -9,7 +9,7 @@ genuine level shift is still followed after a while. Each step records (loss, gr
 logs `spike/score`, the share of spike steps over the last `score_window` steps.
 
 Actions (off by default): `skip_step` undoes the optimizer step of a spike step on the device
-(diffv2/step_undo.py); the detector then runs on the device every step, since the decision is needed
+(diffv2/train/step_undo.py); the detector then runs on the device every step, since the decision is needed
 before the next step, still without host synchronisation. `stop` saves a checkpoint and stops at the next host
 read after a spike.
 """
@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from diffv2.callbacks import Callback, StepResult, Table, TrainContext, every
-from diffv2.sink import rewind_jsonl
-from diffv2.step_undo import StepUndo
+from diffv2.train.callbacks import Callback, StepResult, Table, TrainContext, every
+from diffv2.train.sink import rewind_jsonl
+from diffv2.train.step_undo import StepUndo
 
 EVENT_COLUMNS = ["step", "loss", "grad_norm", "loss_z", "grad_norm_z", "signal", "skipped", "sample_indices"]
 

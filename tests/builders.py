@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffv2.attention import Attention
+from diffv2.model.attention import Attention
 from diffv2.config import AttentionConfig, ModelConfig
 from tests.reference import init_sharp_
 

@@ -41,7 +41,7 @@ def train_cmd(run_dir: Path, cache: Path, *overrides: str) -> list[str]:
 
 def train(run_dir: Path, cache: Path, *overrides: str, fault: Optional[str] = None,
           env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run train.py to its end (or its death); DIFFV2_FAULT=`fault` arms a test hook (diffv2/faults.py)."""
+    """Run train.py to its end (or its death); DIFFV2_FAULT=`fault` arms a test hook (diffv2/train/faults.py)."""
     return run_watched(train_cmd(run_dir, cache, *overrides), env=_env(fault, env))
 
 

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from diffv2.attention import Attention  # noqa: E402
+from diffv2.model.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.kernels import (  # noqa: E402
+from diffv2.model.kernels import (  # noqa: E402
     causal_attention, doc_ids_from_tokens, fa4_available, fa4_unavailable, flash_attn_available, resolve_backend,
 )
 from tests import reference as ref  # noqa: E402
@@ -369,7 +369,7 @@ def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing(doc):
     noise), which an error confined to one document or row still exceeds."""
     if not fa4_available():
         pytest.skip(fa4_unavailable())
-    from diffv2.model import Transformer
+    from diffv2.model.transformer import Transformer
 
     cfg = ModelConfig(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=512, vocab_size=512,
                       max_seq_len=512, attention=AttentionConfig(doc_mask=doc))

@@ -1,6 +1,6 @@
 """Acceptance tests T1-T13 and T15-T17 of the DIFF V2 spec (docs/spec.md §8), CPU.
 
-Every numerical check compares `diffv2.attention.Attention` with the independent eager reference in
+Every numerical check compares `diffv2.model.attention.Attention` with the independent eager reference in
 tests/reference.py (explicit softmax, explicit causal mask, pair-by-pair formula of spec §2.3 with
 kappa(i) = i // (h / h_kv)). T14 (tensor parallelism) is not implemented by the library yet and is not tested.
 T13 is tested in the form the library supports today (no KV cache yet, see `test_prefix_forward_matches_full_forward`).
@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import diffv2.attention as attention_mod  # noqa: E402
-from diffv2.attention import Attention  # noqa: E402
+import diffv2.model.attention as attention_mod  # noqa: E402
+from diffv2.model.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.flops import attention_params  # noqa: E402
-from diffv2.heads import validate_heads  # noqa: E402
-from diffv2.kernels import causal_attention  # noqa: E402
-from diffv2.model import Transformer  # noqa: E402
-from diffv2.rope import RotaryEmbedding  # noqa: E402
+from diffv2.model.flops import attention_params  # noqa: E402
+from diffv2.model.heads import validate_heads  # noqa: E402
+from diffv2.model.kernels import causal_attention  # noqa: E402
+from diffv2.model.transformer import Transformer  # noqa: E402
+from diffv2.model.rope import RotaryEmbedding  # noqa: E402
 from tests import reference as ref  # noqa: E402
 from tests.builders import make_attention, model_cfg  # noqa: E402
 from tests.reference import assert_rel_close, weights  # noqa: E402

@@ -4,7 +4,7 @@ directories, checkpoints and datasets exactly as they were.
 Every case that touches files or checkpoints runs the real CLI (`python train.py` against a copy of an existing
 run, `python -m data.prepare` onto an existing dataset) and compares a hash of every file before and after.
 Config-level cases run the entry point's own checks in process (`train.compose_error` for what Hydra rejects,
-then `diffv2.validate.validate`), which is what train.py runs before anything else; a few also run through the CLI.
+then `diffv2.train.validate.validate`), which is what train.py runs before anything else; a few also run through the CLI.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cli_runs import ROOT, error_line, prepare, side_by_side, train, tree_digest
-from diffv2.validate import validate
+from diffv2.train.validate import validate
 from test_train import compose_cfg
 
 _spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")

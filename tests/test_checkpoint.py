@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffv2 import checkpoint
+from diffv2.train import checkpoint
 from diffv2.parallel.engine import Engine
 from diffv2.config import ModelConfig
-from diffv2.model import Transformer
+from diffv2.model.transformer import Transformer
 
 CFG = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=64, vocab_size=64,
                   max_seq_len=32)

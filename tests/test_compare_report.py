@@ -1,4 +1,4 @@
-"""`python -m monitoring.compare` on runs with few logged points (synthetic metrics.jsonl: no training, fast).
+"""`python -m analysis.compare` on runs with few logged points (synthetic metrics.jsonl: no training, fast).
 
 A 4-step run logging every 2 steps is the case: the final train loss was averaged over 2 values without a word, the
 λ-over-training panel drew its one reading as an invisible line, and step axes were ticked 2.25, 2.5, ...
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring import compare, compare_figures
-from monitoring.run_data import load_runs
+from analysis import compare, compare_figures
+from analysis.run_data import load_runs
 
 STEP_FIGURES = {"loss", "grad_norm", "spikes", "act_max_abs", "attn_logit_max", "lambda", "moe", "throughput"}
 

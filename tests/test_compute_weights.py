@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cli_runs import checkpoint_tensors, differing_tensors, error_line, metrics, train
-from diffv2.compute_weights import ComputeWeights
+from diffv2.train.compute_weights import ComputeWeights
 from diffv2.config import AttentionConfig, ModelConfig, MoEConfig
-from diffv2.model import Transformer
+from diffv2.model.transformer import Transformer
 
 BF16 = torch.bfloat16
 
@@ -106,7 +106,7 @@ def test_bf16_weight_copies_on_a_gpu_with_compiled_blocks():
 def test_the_weight_gradient_goes_into_fp32_in_one_gemm_on_a_gpu():
     """diffv2::wgrad_into_ on CUDA: grad += dy^T x summed in fp32 (no bf16 rounding of the product), by the fused
     GEMM itself (not the fallback), within fp32 summation-order noise of the exact sum."""
-    from diffv2 import compute_weights
+    from diffv2.train import compute_weights
 
     g = torch.Generator(device="cuda").manual_seed(0)
     dy = torch.randn(4096, 512, device="cuda", generator=g).to(BF16)
@@ -125,7 +125,7 @@ def test_the_weight_gradient_goes_into_fp32_in_one_gemm_on_a_gpu():
 def test_the_fused_gemm_probe_is_stored_and_passed_to_the_layers():
     """The "one GEMM into fp32" capability is probed once when ComputeWeights is built (False off CUDA), kept on it and
     handed to each fused Linear, so the custom op keeps no state of its own."""
-    from diffv2 import compute_weights
+    from diffv2.train import compute_weights
 
     assert compute_weights.probe_fused_gemm(torch.device("cpu")) is False
     weights = ComputeWeights(Transformer(tiny("diffv2")), BF16)

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from diffv2.config import Config, ModelConfig, MoEConfig  # noqa: E402
-from diffv2.model import Transformer  # noqa: E402
+from diffv2.model.transformer import Transformer  # noqa: E402
 from diffv2.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 from diffv2.parallel.engine import Engine  # noqa: E402
 
@@ -429,7 +429,7 @@ def test_spawn_time(ranks):
 SINGLE = """
 import importlib, json, torch
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-from diffv2.model import Transformer
+from diffv2.model.transformer import Transformer
 from diffv2.parallel.build import build_engine
 from tests.test_deepspeed_engine import batch, make_cfg
 cfg = make_cfg(3)

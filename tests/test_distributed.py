@@ -21,7 +21,7 @@ import pytest
 from cli_runs import (ENV, HANG_S, ROOT, error_line, metrics, run_watched, side_by_side, train, trajectory,
                       train_cmd)
 from test_train import SMALL
-from diffv2 import checkpoint
+from diffv2.train import checkpoint
 
 STEPS = ["trainer.max_steps=6", "trainer.log_interval=1", "trainer.eval_interval=3", "trainer.ckpt_interval=3",
          "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.eval_batches=2",

@@ -19,9 +19,9 @@ if str(ROOT) not in sys.path:
 from data.dataset import build_datasets  # noqa: E402
 from data.tokenizer import ByteTokenizer  # noqa: E402
 from diffv2.config import DataConfig  # noqa: E402
-from diffv2.evaluate import main as evaluate_main, perplexity  # noqa: E402
-from diffv2.inference import load_model, run_config  # noqa: E402
-from diffv2.needle import NEEDLE, QUERY, answer_is_correct, build_case, haystack_pool  # noqa: E402
+from diffv2.infer.evaluate import main as evaluate_main, perplexity  # noqa: E402
+from diffv2.infer.inference import load_model, run_config  # noqa: E402
+from diffv2.infer.needle import NEEDLE, QUERY, answer_is_correct, build_case, haystack_pool  # noqa: E402
 from tests.test_inference import train_tiny  # noqa: E402
 
 TOK = ByteTokenizer()

@@ -1,5 +1,5 @@
 """Hugging Face export: AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) reproduces our logits, and
-transformers' generate() and pipeline('text-generation') decode what `python -m diffv2.generate` decodes.
+transformers' generate() and pipeline('text-generation') decode what `python -m diffv2.infer.generate` decodes.
 
 Runs against the installed transformers; .ci/transformers-oldest runs this file against the oldest one the
 `transformers>=4.56,<6` pin allows.
@@ -32,9 +32,9 @@ if str(ROOT) not in sys.path:
 from data.tokenizer import ByteTokenizer  # noqa: E402
 from watched import run_watched  # noqa: E402
 from diffv2.config import MoEConfig  # noqa: E402
-from diffv2.export_hf import REMOTE_FILES, main as export_main, verify, write_hf  # noqa: E402
-from diffv2.generate import Sampling, generate, main as generate_main  # noqa: E402
-from diffv2.inference import load_model  # noqa: E402
+from diffv2.infer.export_hf import REMOTE_FILES, main as export_main, verify, write_hf  # noqa: E402
+from diffv2.infer.generate import Sampling, generate, main as generate_main  # noqa: E402
+from diffv2.infer.inference import load_model  # noqa: E402
 from tests.test_inference import VARIANTS, tiny_model, train_tiny  # noqa: E402
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -239,7 +239,7 @@ def test_padded_vocabulary_is_never_generated(tmp_path):
 
 def test_pipeline_matches_generate_command(tied_run, tmp_path, capsys):
     """pipeline('text-generation') on the export of a real run (byte tokenizer, padded vocab, batched prompts of
-    different lengths) prints what `python -m diffv2.generate --greedy` prints."""
+    different lengths) prints what `python -m diffv2.infer.generate --greedy` prints."""
     from transformers import pipeline
 
     prompts = ["Hello", "import os\n\nThe tutorial"]
@@ -335,7 +335,7 @@ def test_export_needs_only_torch_and_verify_names_the_extra(tied_run, tmp_path):
     blocked = "import sys; sys.modules['transformers'] = sys.modules['safetensors'] = None; "
 
     def export(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        code = blocked + (f"from diffv2.export_hf import main; main(['--checkpoint', {str(tied_run)!r}, "
+        code = blocked + (f"from diffv2.infer.export_hf import main; main(['--checkpoint', {str(tied_run)!r}, "
                           f"'--out', {str(out)!r}{''.join(f', {a!r}' for a in extra)}])")
         return run_watched([sys.executable, "-c", code], env={**os.environ, "WANDB_MODE": "disabled"})
 

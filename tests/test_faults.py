@@ -1,7 +1,7 @@
 """Kill -9 at fault points, damaged checkpoints and a full disk: a resumed run ends bit-identical to one never hurt.
 
 Three chains of real train.py runs share one run directory each: every attempt is SIGKILLed at a fault point
-(diffv2/faults.py) or from outside, then the next attempt resumes with trainer.resume=auto (and is itself
+(diffv2/train/faults.py) or from outside, then the next attempt resumes with trainer.resume=auto (and is itself
 killed at the next point); the last one finishes. One uninterrupted run is the reference. The chains run side
 by side on the two CI cores (tests/cli_runs.py); each test below checks one property over every attempt.
 """
@@ -22,11 +22,11 @@ import torch
 
 from cli_runs import (checkpoint_tensors, differing_tensors, error_line, side_by_side, train, train_killed_after,
                       trajectory)
-from diffv2 import checkpoint
+from diffv2.train import checkpoint
 from diffv2.parallel.engine import Engine
 from diffv2.config import ModelConfig
-from diffv2.model import Transformer
-from diffv2.sink import rewind_jsonl
+from diffv2.model.transformer import Transformer
+from diffv2.train.sink import rewind_jsonl
 
 RUN = ["trainer.max_steps=12", "trainer.log_interval=1", "trainer.ckpt_interval=2", "trainer.eval_interval=4",
        "trainer.keep_last=2"]

@@ -19,10 +19,10 @@ if str(ROOT) not in sys.path:
 
 from watched import run_watched  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.generate import Sampling, generate, main as generate_main, sample  # noqa: E402
-from diffv2.inference import cast_weights  # noqa: E402
-from diffv2.kv_cache import KVCache  # noqa: E402
-from diffv2.model import Transformer  # noqa: E402
+from diffv2.infer.generate import Sampling, generate, main as generate_main, sample  # noqa: E402
+from diffv2.infer.inference import cast_weights  # noqa: E402
+from diffv2.model.kv_cache import KVCache  # noqa: E402
+from diffv2.model.transformer import Transformer  # noqa: E402
 from tests.reference import assert_rel_close, init_sharp_  # noqa: E402
 
 VARIANTS = {

@@ -26,7 +26,7 @@ from typing import Optional
 
 import pytest
 
-from diffv2.preempt import EXIT_PREEMPTED, PreemptionCallback
+from diffv2.train.preempt import EXIT_PREEMPTED, PreemptionCallback
 from launch import slurm, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def test_sbatch_quoting_runs_nothing_and_passes_values_verbatim(job):
 
 def test_sbatch_first_start_snapshots_code_and_resolved_config(job):
     code = job.run_dir / "code"
-    for rel in ("train.py", "diffv2/preempt.py", "launch/slurm.py", "configs/config.yaml"):
+    for rel in ("train.py", "diffv2/train/preempt.py", "launch/slurm.py", "configs/config.yaml"):
         assert (code / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
     assert not (code / "runs").exists() and not (code / ".git").exists()
     assert not list(job.run_dir.glob(".code-tmp-*"))
@@ -486,7 +486,7 @@ if world > 1:
     if os.environ.get("FAKE_NCCL"):  # make the callback take a gloo group of its own, as under NCCL
         default_backend = dist.get_backend
         dist.get_backend = lambda group=None: "nccl" if group is None else default_backend(group)
-from diffv2.preempt import PreemptionCallback
+from diffv2.train.preempt import PreemptionCallback
 root = logging.getLogger()
 root.setLevel(logging.INFO)
 for sc in json.loads(sys.argv[1]):
@@ -645,7 +645,7 @@ def test_preemption_callback_in_process():
 def test_preemption_signal_in_the_last_step_just_finishes(tmp_path, monkeypatch):
     """The run ends at max_steps anyway: no preemption stop, exit code None (0), nothing to requeue."""
     import torch
-    from diffv2.callbacks import StepResult
+    from diffv2.train.callbacks import StepResult
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     ctx = SimpleNamespace(run_dir=tmp_path, start_step=0, cfg=SimpleNamespace(trainer=SimpleNamespace(max_steps=2)))

@@ -29,8 +29,8 @@ def _sites(pairs) -> str:
 def test_the_graph_sees_the_project():
     """Guards the guard: the scan finds the packages and the kinds of import it must count."""
     mods = G.project_files(str(ROOT))
-    assert {"train", "diffv2.trainer", "diffv2.model", "data.dataset", "monitoring.build"} <= set(mods)
-    assert ("diffv2.model", "diffv2.attention") in EDGES
+    assert {"train", "diffv2.train.trainer", "diffv2.model.transformer", "data.dataset", "monitoring.build"} <= set(mods)
+    assert ("diffv2.model.transformer", "diffv2.model.attention") in EDGES
     kinds = {site.kind for sites in EDGES.values() for site in sites}
     assert kinds == {"module", "local", "typing"}
 
@@ -38,6 +38,23 @@ def test_the_graph_sees_the_project():
 def test_core_and_data_do_not_import_monitoring():
     bad = [(s, d) for (s, d) in EDGES if G.top(s) in ("diffv2", "data") and G.top(d) == "monitoring"]
     assert not bad, f"diffv2/ and data/ must not import monitoring/; offending imports:\n{_sites(bad)}"
+
+
+def test_training_code_does_not_import_analysis():
+    bad = [(s, d) for (s, d) in EDGES if G.top(s) in G.ONLINE and G.top(d) == "analysis"]
+    assert not bad, f"diffv2/, data/ and monitoring/ must not import the offline analysis/; found:\n{_sites(bad)}"
+
+
+def test_diffv2_layers_import_downwards():
+    """diffv2/ < diffv2/model/ < diffv2/parallel/ < diffv2/train/ < diffv2/infer/: the model never imports
+    parallelism or the loop, parallelism never the loop, the loop never inference."""
+    subs = frozenset(G.DIFFV2_LAYERS[1:])
+    order = {u: i for i, u in enumerate(G.DIFFV2_LAYERS)}
+    units = {(s, d): (G.unit(s, subs), G.unit(d, subs)) for (s, d) in EDGES}
+    bad = [e for e, (us, ud) in units.items() if us in order and ud in order and order[ud] > order[us]]
+    assert not bad, f"an upward import between diffv2's layers {G.DIFFV2_LAYERS}:\n{_sites(bad)}"
+    assert {"diffv2.model.transformer", "diffv2.parallel.engine", "diffv2.train.trainer",
+            "diffv2.infer.generate"} <= set(G.project_files(str(ROOT))), "the layers' folders moved: update the rule"
 
 
 def test_no_import_cycle():
@@ -73,6 +90,13 @@ def test_the_tool_reports_each_kind_of_violation(tmp_path, capsys):
         "monitoring/m.py": "from diffv2 import a\n",
         "monitoring/build.py": "from monitoring import m\n",
         "data/__init__.py": "",
+        "diffv2/model/__init__.py": "",
+        "diffv2/model/x.py": "from diffv2.train import y\n",
+        "diffv2/train/__init__.py": "",
+        "diffv2/train/y.py": "",
+        "analysis/__init__.py": "",
+        "analysis/z.py": "",
+        "monitoring/w.py": "import analysis.z\n",
         "train.py": "from monitoring.build import build\nfrom monitoring.m import X\nimport diffv2.sub.d\n",
     }
     for rel, text in files.items():
@@ -82,14 +106,16 @@ def test_the_tool_reports_each_kind_of_violation(tmp_path, capsys):
     assert set(edges) == {("diffv2.a", "diffv2.b"), ("diffv2.b", "monitoring.m"), ("diffv2.c", "monitoring.m"),
                           ("diffv2.sub.d", "diffv2.a"), ("diffv2.sub.d", "diffv2.sub"), ("monitoring.m", "diffv2.a"),
                           ("monitoring.build", "monitoring.m"), ("train", "monitoring.build"),
-                          ("train", "monitoring.m"), ("train", "diffv2.sub.d")}
+                          ("train", "monitoring.m"), ("train", "diffv2.sub.d"), ("diffv2.model.x", "diffv2.train.y"),
+                          ("monitoring.w", "analysis.z")}
     assert [s.kind for s in edges[("diffv2.b", "monitoring.m")]] == ["typing"]
     assert [s.where for s in edges[("diffv2.c", "monitoring.m")]] == ["diffv2/c.py:2"]
     assert [s.kind for s in edges[("diffv2.c", "monitoring.m")]] == ["local"]
     assert G.sccs(edges) == [["diffv2.a", "diffv2.b", "monitoring.m"]]
     assert G.main(["--root", str(tmp_path), "--check"]) == 1
     out = capsys.readouterr().out
-    for where in ("diffv2/b.py:3", "diffv2/c.py:2", "train.py:2", "monitoring/m.py:1", "diffv2/a.py:1"):
+    for where in ("diffv2/b.py:3", "diffv2/c.py:2", "train.py:2", "monitoring/m.py:1", "diffv2/a.py:1",
+                  "diffv2/model/x.py:1", "monitoring/w.py:1"):
         assert where in out
     assert "train.py:1" not in out
     assert G.render(str(tmp_path)) == G.render(str(tmp_path))

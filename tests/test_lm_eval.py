@@ -8,11 +8,11 @@ Three tasks (written by `write_tasks`; `python tests/test_lm_eval.py tasks DIR` 
 - diffv2_ppl, `loglikelihood_rolling`: paragraphs of the sample's validation documents. lm-eval's byte perplexity
   equals the project's perplexity of the same documents, each a sample [EOD] + its tokens: with the byte tokenizer
   a token is a byte, and lm-eval predicts a document's first token from the tokenizer's eos (there is no bos), as
-  the training data does. Over the tokenizer's ids, as the export computes; diffv2.evaluate.perplexity (softmax over
+  the training data does. Over the tokenizer's ids, as the export computes; diffv2.infer.evaluate.perplexity (softmax over
   the model's padded vocabulary) is higher by exactly the padding ids' mass, -log(1 - m) per token;
 - diffv2_mc, `multiple_choice`: the true continuation of a paragraph among 4; every choice's log-likelihood equals
   the sum of the project model's token log-probabilities;
-- diffv2_nextword, `generate_until`, greedy: the next word; lm-eval's generations equal `diffv2.generate`'s greedy
+- diffv2_nextword, `generate_until`, greedy: the next word; lm-eval's generations equal `diffv2.infer.generate`'s greedy
   tokens, cut where lm-eval stops (a space or a newline).
 """
 
@@ -116,7 +116,7 @@ def write_tasks(out: Path) -> Dict[str, List[dict]]:
 
 def project_perplexity(ckpt: Path, texts: List[str]) -> dict:
     """The project's perplexity of the documents, each a sample [eod] + its tokens (fp32, CPU), two ways:
-    - `perplexity`: diffv2.evaluate.perplexity, what `python -m diffv2.evaluate` and train/val_loss compute: softmax
+    - `perplexity`: diffv2.infer.evaluate.perplexity, what `python -m diffv2.infer.evaluate` and train/val_loss compute: softmax
       over the model's whole (padded) vocabulary, `model.vocab_size` rows;
     - `perplexity_tokenizer_ids`: softmax over the tokenizer's ids only, as the export computes it (it gives the
       padding ids a logit of -inf). `pad_mass` is the mean probability the model puts on padding ids; per token,
@@ -125,8 +125,8 @@ def project_perplexity(ckpt: Path, texts: List[str]) -> dict:
     import torch
 
     from data.tokenizer import load_tokenizer
-    from diffv2.evaluate import perplexity
-    from diffv2.inference import load_model, run_config
+    from diffv2.infer.evaluate import perplexity
+    from diffv2.infer.inference import load_model, run_config
 
     tokenizer = load_tokenizer(run_config(ckpt).data.tokenizer)
     model = load_model(ckpt, torch.device("cpu"))
@@ -176,9 +176,9 @@ def test_lm_eval_matches_the_project(tmp_path_factory):
     from lm_eval.tasks import TaskManager
 
     from data.tokenizer import load_tokenizer
-    from diffv2.export_hf import main as export_main
-    from diffv2.generate import Sampling, generate
-    from diffv2.inference import load_model
+    from diffv2.infer.export_hf import main as export_main
+    from diffv2.infer.generate import Sampling, generate
+    from diffv2.infer.inference import load_model
     from tests.test_inference import train_tiny
 
     tmp = tmp_path_factory.mktemp("lm_eval")
@@ -202,7 +202,7 @@ def test_lm_eval_matches_the_project(tmp_path_factory):
     assert ours["loss_recomputed"] - ours["loss_tokenizer_ids"] == pytest.approx(ours["pad_correction"], rel=1e-6)
     assert ours["pad_mass"] > 0 and ours["perplexity"] > ppl["byte_perplexity,none"]
     print(f"\nlm-eval byte perplexity {ppl['byte_perplexity,none']:.6f} = ours over the tokenizer's ids "
-          f"{ours['perplexity_tokenizer_ids']:.6f}; diffv2.evaluate.perplexity {ours['perplexity']:.6f} (padding mass "
+          f"{ours['perplexity_tokenizer_ids']:.6f}; diffv2.infer.evaluate.perplexity {ours['perplexity']:.6f} (padding mass "
           f"{ours['pad_mass']:.2e}); word perplexity {ppl['word_perplexity,none']:.4f} = "
           f"{ours['word_perplexity_tokenizer_ids']:.4f}")
 
@@ -219,7 +219,7 @@ def test_lm_eval_matches_the_project(tmp_path_factory):
                 ll = logits.log_softmax(-1).gather(-1, torch.tensor(cont)[:, None]).sum().item()
                 assert resp[0] == pytest.approx(ll, abs=1e-4)
 
-    # greedy generation: lm-eval's text is diffv2.generate's greedy tokens, cut at the first stop string
+    # greedy generation: lm-eval's text is diffv2.infer.generate's greedy tokens, cut at the first stop string
     rows = samples["diffv2_nextword"]
     new = generate(model, [tokenizer.encode(s["doc"]["context"]) for s in rows], MAX_GEN_TOKS, Sampling(0.0),
                    vocab=vocab, pad=tokenizer.pad, stop=tokenizer.eod)
@@ -237,7 +237,7 @@ if __name__ == "__main__":  # the recipe's helpers (docs/lm_eval.md)
         for name, rows in write_tasks(Path(sys.argv[2])).items():
             print(f"{Path(sys.argv[2]) / name}.yaml: {len(rows)} documents")
     elif sys.argv[1:2] == ["perplexity"] and len(sys.argv) == 4:
-        from diffv2.inference import checkpoint_dir
+        from diffv2.infer.inference import checkpoint_dir
 
         texts = [json.loads(line)["text"] for line in Path(sys.argv[3]).read_text().splitlines()]
         print(json.dumps(project_perplexity(checkpoint_dir(sys.argv[2]), texts), indent=1))

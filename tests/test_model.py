@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from diffv2.attention import Attention, FusedCombine, combine, lambda_init  # noqa: E402
+from diffv2.model.attention import Attention, FusedCombine, combine, lambda_init  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
-from diffv2.flops import attention_core_flops, attention_params, count, mlp_params  # noqa: E402
-from diffv2.heads import validate_heads  # noqa: E402
-from diffv2.kernels import causal_attention, doc_ids_from_tokens, resolve_backend  # noqa: E402
-from diffv2.loss import linear_cross_entropy  # noqa: E402
-from diffv2.model import Transformer, with_attention  # noqa: E402
+from diffv2.model.flops import attention_core_flops, attention_params, count, mlp_params  # noqa: E402
+from diffv2.model.heads import validate_heads  # noqa: E402
+from diffv2.model.kernels import causal_attention, doc_ids_from_tokens, resolve_backend  # noqa: E402
+from diffv2.model.loss import linear_cross_entropy  # noqa: E402
+from diffv2.model.transformer import Transformer, with_attention  # noqa: E402
 from tests import reference as ref  # noqa: E402
 from tests.builders import make_attention, model_cfg  # noqa: E402
 from tests.reference import assert_rel_close, weights  # noqa: E402
@@ -566,7 +566,7 @@ def test_resolve_backend_on_cpu():
 def testdoc_cu_seqlens_lists_every_document_of_every_row():
     """The varlen kernels' (fa4, flash_attn) view of packed documents: cumulative lengths over the flattened rows,
     one entry per document, the EOD token in the document it closes, a row's last document ending at the row."""
-    from diffv2.kernels import doc_cu_seqlens, doc_ids_from_tokens
+    from diffv2.model.kernels import doc_cu_seqlens, doc_ids_from_tokens
 
     tokens = torch.tensor([[5, 0, 3, 4, 0, 7], [1, 2, 3, 0, 5, 6], [0, 0, 1, 2, 3, 4]])
     cu = doc_cu_seqlens(doc_ids_from_tokens(tokens, 0))
@@ -673,7 +673,7 @@ def test_fa4_backend_reports_why_it_cannot_run_and_flash_attn_needs_fa2(monkeypa
     package; `flash-attn-4` alone (a `flash_attn` namespace package without FA2's functions) is not FA2."""
     import types
 
-    from diffv2 import kernels
+    from diffv2.model import kernels
 
     reason = kernels.fa4_unavailable()
     if not torch.cuda.is_available():

@@ -18,7 +18,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("diffv2", "monitoring")
+PACKAGES = ("diffv2", "monitoring", "analysis")
 
 MUTABLE_CALLS = {"dict", "list", "set", "bytearray", "defaultdict", "OrderedDict", "Counter", "deque", "ChainMap",
                  "WeakKeyDictionary", "WeakValueDictionary", "WeakSet", "local", "Lock", "RLock", "Event",
@@ -29,35 +29,35 @@ CACHES = {"lru_cache", "cache"}
 # name -> why it may stay at module level (plan section 11.2 / 11.3)
 ALLOWED = {
     # memoized facts about the installation / compiled callables of pure functions (one per process)
-    "diffv2.kernels.flash_attn_available": "lru_cache: whether flash-attn is installed, a fact of the process",
-    "diffv2.kernels.fa4_unavailable": "lru_cache: why FlashAttention-4 cannot run here, a fact of the process",
-    "diffv2.kernels._compiled_flex": "lru_cache: flex_attention compiled once per process (a pure function)",
-    "diffv2.loss._compiled_chunk": "lru_cache: the cross-entropy chunk compiled once per process (a pure function)",
-    "diffv2.attention._compiled_combine": "lru_cache: DIFF V2's combine compiled once per process; the fall-back "
+    "diffv2.model.kernels.flash_attn_available": "lru_cache: whether flash-attn is installed, a fact of the process",
+    "diffv2.model.kernels.fa4_unavailable": "lru_cache: why FlashAttention-4 cannot run here, a fact of the process",
+    "diffv2.model.kernels._compiled_flex": "lru_cache: flex_attention compiled once per process (a pure function)",
+    "diffv2.model.loss._compiled_chunk": "lru_cache: the cross-entropy chunk compiled once per process (a pure function)",
+    "diffv2.model.attention._compiled_combine": "lru_cache: DIFF V2's combine compiled once per process; the fall-back "
                                           "flag is per model (FusedCombine)",
     # process-global by nature
-    "diffv2.recompute._state": "threading.local: the recomputation flag is a dynamic scope per thread (autograd "
+    "diffv2.model.recompute._state": "threading.local: the recomputation flag is a dynamic scope per thread (autograd "
                                "runs backward on its own threads), like torch's grad mode",
-    "diffv2.faults.NO_FAULTS": "a frozen FaultPlan (no faults): an immutable default, not state",
+    "diffv2.train.faults.NO_FAULTS": "a frozen FaultPlan (no faults): an immutable default, not state",
     # constant tables of a mutable type, never written
-    "diffv2.export_hf.SAFETENSORS_DTYPES": "constant table: torch dtype -> safetensors dtype name",
-    "diffv2.flops.PEAK_BF16_FLOPS": "constant table: GPU name -> peak bf16 FLOP/s (MFU)",
-    "diffv2.inference.DTYPES": "constant table: dtype name -> torch dtype",
-    "diffv2.kernels._SDPA_BACKENDS": "constant table: backend name -> SDPBackend",
-    "diffv2.weights.DTYPE_NAMES": "constant table: dtype name -> torch dtype",
-    "diffv2.weights.ARCH_FIELDS_BY_VARIANT": "constant table: variant -> architecture fields of a checkpoint",
-    "diffv2.weights.HF_CONFIG_FIELDS": "constant table: HF config key -> ModelConfig field",
-    "diffv2.hf.configuration_diffv2.DiffV2Config.keys_to_ignore_at_inference": "HF API convention (class attribute "
+    "diffv2.model.weight_files.SAFETENSORS_DTYPES": "constant table: torch dtype -> safetensors dtype name",
+    "diffv2.model.flops.PEAK_BF16_FLOPS": "constant table: GPU name -> peak bf16 FLOP/s (MFU)",
+    "diffv2.infer.inference.DTYPES": "constant table: dtype name -> torch dtype",
+    "diffv2.model.kernels._SDPA_BACKENDS": "constant table: backend name -> SDPBackend",
+    "diffv2.infer.weights.DTYPE_NAMES": "constant table: dtype name -> torch dtype",
+    "diffv2.model.weight_files.ARCH_FIELDS_BY_VARIANT": "constant table: variant -> architecture fields of a checkpoint",
+    "diffv2.model.weight_files.HF_CONFIG_FIELDS": "constant table: HF config key -> ModelConfig field",
+    "diffv2.infer.hf.configuration_diffv2.DiffV2Config.keys_to_ignore_at_inference": "HF API convention (class attribute "
                                                                                  "read by transformers)",
-    "diffv2.hf.modeling_diffv2.DiffV2ForCausalLM._no_split_modules": "HF API convention (class attribute read by "
+    "diffv2.infer.hf.modeling_diffv2.DiffV2ForCausalLM._no_split_modules": "HF API convention (class attribute read by "
                                                                       "transformers/accelerate)",
-    "diffv2.sink.SUMMARIES": "constant table: metric -> W&B summary (min/max)",
-    "diffv2.sink.WANDB_NAME_FORBIDDEN": "constant set: characters W&B refuses in names",
+    "diffv2.train.sink.SUMMARIES": "constant table: metric -> W&B summary (min/max)",
+    "diffv2.train.sink.WANDB_NAME_FORBIDDEN": "constant set: characters W&B refuses in names",
     "monitoring.spikes.EVENT_COLUMNS": "constant list: columns of the spike event table",
     "monitoring.lambda_stats.QUANTILES": "constant table: quantile name -> q",
-    "monitoring.claims.ARM_KEYS": "constant list: the claims report's per-arm columns",
-    "monitoring.wandb_report.SECTIONS": "constant list: the W&B report's panels",
-    "monitoring.wandb_report.HEATMAPS": "constant list: the W&B report's heatmap keys",
+    "analysis.claims.ARM_KEYS": "constant list: the claims report's per-arm columns",
+    "analysis.wandb_report.SECTIONS": "constant list: the W&B report's panels",
+    "analysis.wandb_report.HEATMAPS": "constant list: the W&B report's heatmap keys",
 }
 
 # Rebound with `global`, and why that is right: the state belongs to torch's process-wide default process group.

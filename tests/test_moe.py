@@ -24,12 +24,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from watched import run_watched
-from diffv2.callbacks import TrainContext, to_host
+from diffv2.train.callbacks import TrainContext, to_host
 from diffv2.config import Config, ModelConfig, MoEConfig, register_configs
-from diffv2.flops import count
-from diffv2.model import Transformer
-from diffv2.moe import GroupedExperts, MoE, load_balance_loss, route
-from diffv2.validate import validate
+from diffv2.model.flops import count
+from diffv2.model.transformer import Transformer
+from diffv2.model.moe import GroupedExperts, MoE, load_balance_loss, route
+from diffv2.train.validate import validate
 from monitoring.moe import MoEMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def test_compiled_moe_breaks_only_where_it_must():
 def test_recomputing_is_true_only_inside_the_recomputation():
     from torch.utils.checkpoint import checkpoint
 
-    from diffv2.recompute import checkpoint_contexts, recomputing
+    from diffv2.model.recompute import checkpoint_contexts, recomputing
 
     flags = []
 
@@ -431,7 +431,7 @@ def test_train_moe_tiny_end_to_end_and_resume_exactly(tmp_path):
 def test_checkpoint_model_config_round_trips_moe():
     from dataclasses import asdict
 
-    from diffv2.inference import model_config
+    from diffv2.infer.inference import model_config
 
     cfg = compose_cfg("model=moe_tiny", "model.moe.balance=aux_free").model
     assert model_config(asdict(cfg)) == cfg
@@ -443,7 +443,7 @@ def test_checkpoint_model_config_round_trips_moe():
 def test_dense_checkpoints_from_before_moe_support_still_resume():
     from dataclasses import asdict
 
-    from diffv2.trainer import Trainer
+    from diffv2.train.trainer import Trainer
 
     def check(cfg: Config, saved_model: dict) -> None:
         trainer = Trainer.__new__(Trainer)  # only the compatibility check, no run directory

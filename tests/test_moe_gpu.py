@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffv2.config import MoEConfig
-from diffv2.moe import GroupedExperts, MoE
+from diffv2.model.moe import GroupedExperts, MoE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 M, F_HIDDEN = 256, 128  # multiples of 16 bytes in bf16, as grouped_mm requires

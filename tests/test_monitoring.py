@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from diffv2.attention import Attention, lambda_init
-from diffv2.callbacks import StepResult, TrainContext, to_host
+from diffv2.model.attention import Attention, lambda_init
+from diffv2.train.callbacks import StepResult, TrainContext, to_host
 from diffv2.config import Config, ModelConfig, MonitoringConfig
-from diffv2.model import Transformer, with_attention
-from diffv2.validate import validate_monitoring
+from diffv2.model.transformer import Transformer, with_attention
+from diffv2.train.validate import validate_monitoring
 from monitoring.activations import ActivationMonitor, residual_stats
 from monitoring.attention_math import lambda_scale, logits, pairs, project_qk, sink_and_entropy
 from monitoring.attention_sinks import AttentionSinkMonitor

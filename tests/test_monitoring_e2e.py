@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from watched import run_watched
-from monitoring import compare
+from analysis import compare
 from test_train import read_metrics, run_train  # the same SMALL model and entry point as the trainer tests
 
 # Intervals small enough that every monitor fires within 12 steps; spike warm-up shorter than the run.
@@ -110,7 +110,7 @@ def test_compare_rejects_a_directory_without_metrics(tmp_path, capsys):
 
 def test_wandb_report_fails_with_one_clear_line_when_it_cannot_work():
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = run_watched([sys.executable, "-m", "monitoring.wandb_report", "--project", "p"], env=env)
+    proc = run_watched([sys.executable, "-m", "analysis.wandb_report", "--project", "p"], env=env)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error:")
     assert "wandb-workspaces" in last or "WANDB_MODE=offline" in last

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from diffv2.callbacks import StepResult, Table, TrainContext
+from diffv2.train.callbacks import StepResult, Table, TrainContext
 from diffv2.config import Config
-from diffv2.step_undo import StepUndo
+from diffv2.train.step_undo import StepUndo
 from monitoring.spikes import RollingSpikeDetector, SpikeMonitor
 
 STEPS = 2000

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from cli_runs import checkpoint_tensors, differing_tensors, error_line, metrics, side_by_side, train
-from diffv2 import checkpoint
-from diffv2.callbacks import to_host
+from diffv2.train import checkpoint
+from diffv2.train.callbacks import to_host
 from diffv2.config import ModelConfig, OptimConfig
-from diffv2.model import Transformer
-from diffv2.nonfinite import NonFiniteGuard
+from diffv2.model.transformer import Transformer
+from diffv2.train.nonfinite import NonFiniteGuard
 from diffv2.optim import build_optimizer
 
 CFG = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=64, vocab_size=64,

@@ -140,7 +140,7 @@ def test_runnable_rewrites_only_what_the_rule_says():
     assert runnable("python train.py attention=diffv2 && python train.py attention=baseline") == \
         "python train.py attention=diffv2 trainer.max_steps=20 && python train.py attention=baseline " \
         "trainer.max_steps=20"
-    assert runnable("python -m diffv2.evaluate --checkpoint runs/a") == "python -m diffv2.evaluate --checkpoint runs/a"
+    assert runnable("python -m diffv2.infer.evaluate --checkpoint runs/a") == "python -m diffv2.infer.evaluate --checkpoint runs/a"
 
 
 def copy_tree(dest: Path) -> None:

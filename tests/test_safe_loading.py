@@ -22,13 +22,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from cli_runs import ROOT, _env, error_line, run_watched, train
-from diffv2 import checkpoint
+from diffv2.train import checkpoint
 from diffv2.parallel.engine import Engine, safe_load
 from diffv2.config import ModelConfig
-from diffv2.inference import load_model
-from diffv2.model import Transformer
+from diffv2.infer.inference import load_model
+from diffv2.model.transformer import Transformer
 
-SCANNED = ["diffv2", "data", "monitoring", "bench", "train.py"]
+SCANNED = ["diffv2", "data", "monitoring", "analysis", "bench", "train.py"]
 # (file, class): the only pickle.Unpickler allowed, a subclass whose find_class admits DCP's metadata classes only.
 AUDITED_UNPICKLERS = {("diffv2/safe_load.py", "_MetadataUnpickler")}
 CFG = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=64, vocab_size=64,
@@ -135,7 +135,7 @@ def source_files() -> list[Path]:
 
 def test_source_tree_has_no_unsafe_loading():
     files = source_files()
-    assert len(files) > 30 and ROOT / "diffv2/checkpoint.py" in files
+    assert len(files) > 30 and ROOT / "diffv2/train/checkpoint.py" in files
     problems = [p for f in files for p in scan(f.read_text(), str(f.relative_to(ROOT)))]
     assert not problems, "unsafe loading:\n" + "\n".join(problems)
 
@@ -375,9 +375,9 @@ def test_train_resume_refuses_planted_trainer_state(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("command", [
-    ["diffv2.generate", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"],
-    ["diffv2.export_hf", "--out", "{tmp}/hf"],
-    ["diffv2.evaluate", "--max-samples", "2", "--needle-trials", "0", "--device", "cpu"],
+    ["diffv2.infer.generate", "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"],
+    ["diffv2.infer.export_hf", "--out", "{tmp}/hf"],
+    ["diffv2.infer.evaluate", "--max-samples", "2", "--needle-trials", "0", "--device", "cpu"],
 ])
 def test_commands_refuse_planted_metadata(trained_run, tmp_path, command):
     run, ckpt = copy_run(trained_run, tmp_path)

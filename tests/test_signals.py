@@ -18,7 +18,7 @@ import pytest
 
 from cli_runs import (ROOT, _env, checkpoint_tensors, differing_tensors, error_line, metrics, run_watched,
                       side_by_side, train, train_cmd, train_signalled_after, trajectory, tree_digest)
-from diffv2 import checkpoint
+from diffv2.train import checkpoint
 
 RUN = ["trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=4", "trainer.ckpt_interval=100",
        "data.num_workers=1"]

@@ -1,5 +1,5 @@
 """The experiment suite: launch.suite (grids -> train.py runs, one at a time on the CPU, resumable) and
-monitoring.claims (Student-t p-values, verdicts, the sweep's LR pick, the report).
+analysis.claims (Student-t p-values, verdicts, the sweep's LR pick, the report).
 
 Unit tests on hand-made grids and on synthetic suite directories (metrics.jsonl, config.yaml and the suite's own
 suite_status.json written here), and one real suite on the CPU: a two-LR sweep of tiny train.py runs on the shipped
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from launch import suite as S
-from monitoring import claims as C
+from analysis import claims as C
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "python_docs.jsonl.gz"

@@ -76,7 +76,7 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = ATOL)
 
 
 def _check_case(name, cfg, kw, mesh) -> None:
-    from diffv2.model import Transformer
+    from diffv2.model.transformer import Transformer
     from diffv2.parallel.tensor import apply_tensor_parallel
 
     torch.manual_seed(0)  # same seed on every rank: identical unsharded models
@@ -110,7 +110,7 @@ def _check_case(name, cfg, kw, mesh) -> None:
 @torch.no_grad()
 def _check_decode(name, full, sharded, tokens_BN) -> None:
     """Prefill 8 tokens into a KV cache of this rank's heads, then decode 4 one at a time: equal to tp=1."""
-    from diffv2.kv_cache import KVCache
+    from diffv2.model.kv_cache import KVCache
 
     caches = [KVCache.for_model(m, B, N) for m in (full, sharded)]
     assert caches[1].k_BLKD[0].shape[2] == caches[0].k_BLKD[0].shape[2] // TP
@@ -155,7 +155,7 @@ def _check_fsdp_composition(cfg) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from diffv2.model import Transformer
+    from diffv2.model.transformer import Transformer
     from diffv2.parallel.norms import clip_grad_norm as clip_grad_norm_
     from diffv2.parallel.tensor import apply_tensor_parallel
 

@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from watched import run_watched
-from diffv2 import checkpoint
+from diffv2.train import checkpoint
 from diffv2.config import Config, register_configs
-from diffv2.validate import validate
+from diffv2.train.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()
@@ -231,7 +231,7 @@ def test_profiled_steps_write_a_trace_and_an_operator_table(tmp_path, data_cache
 
 
 def test_kernel_summary_sorts_device_time_into_kinds():
-    from diffv2.profiling import kernel_kind, kernel_summary
+    from diffv2.train.profiling import kernel_kind, kernel_summary
 
     kinds = {
         "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "matmul",
@@ -259,7 +259,7 @@ def test_kernel_summary_sorts_device_time_into_kinds():
 def test_idle_gaps_name_the_host_cause_of_each_device_gap():
     """A synthetic trace: a gap after the host waited in a synchronising call, and a gap where the next kernel was
     launched late inside the optimizer step; each is timed and named, the largest first."""
-    from diffv2.profiling import idle_gaps
+    from diffv2.train.profiling import idle_gaps
 
     def ev(cat, name, ts, dur, tid=1, **args):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": tid, "args": args}

@@ -1,4 +1,4 @@
-"""Weights in and out (diffv2/weights.py), and this project's data next to Megatron-LM's tools.
+"""Weights in and out (diffv2/infer/weights.py), and this project's data next to Megatron-LM's tools.
 
 Megatron: `python -m data.prepare --tokenizer bpe:N` writes PREFIX.tokenizer/, a directory transformers' AutoTokenizer
 loads with eos = the end-of-document id (Megatron-LM's `tools/preprocess_data.py --append-eod` appends
@@ -6,7 +6,7 @@ loads with eos = the end-of-document id (Megatron-LM's `tools/preprocess_data.py
 directory and written as preprocess_data.py writes them (megatron-core's IndexedDatasetBuilder, EOD appended) are the
 same bytes as data.prepare's, read identically by megatron-core's IndexedDataset and by data/dataset.py.
 
-Weights: `python -m diffv2.weights export` writes a checkpoint's model (one process or sharded over ranks) as a plain
+Weights: `python -m diffv2.infer.weights export` writes a checkpoint's model (one process or sharded over ranks) as a plain
 safetensors file with torch alone; `load_initial_weights` puts it, or an export_hf directory, into a fresh model bit
 for bit, refuses any mismatch with one line, and `train.py trainer.init_from=FILE` starts from it.
 """
@@ -31,12 +31,14 @@ import torch  # noqa: E402
 from cli_runs import (ENV, checkpoint_tensors, error_line, metrics, prepare as prepare_cli,  # noqa: E402
                       run_watched, train)
 from test_train import SMALL, compose_cfg  # noqa: E402
-from diffv2 import weights  # noqa: E402
+from diffv2.infer import weights  # noqa: E402
+from diffv2.model import weight_files  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig, MoEConfig  # noqa: E402
-from diffv2.export_hf import export as export_hf, save_safetensors, write_hf  # noqa: E402
-from diffv2.inference import load_model, model_config  # noqa: E402
-from diffv2.model import Transformer  # noqa: E402
-from diffv2.weights import load_initial_weights  # noqa: E402
+from diffv2.infer.export_hf import export as export_hf, write_hf  # noqa: E402
+from diffv2.model.weight_files import save_safetensors  # noqa: E402
+from diffv2.infer.inference import load_model, model_config  # noqa: E402
+from diffv2.model.transformer import Transformer  # noqa: E402
+from diffv2.model.weight_files import load_initial_weights  # noqa: E402
 
 # Documents with code, non-ASCII text and a spelled special token (text, not EOD), so the tokenizers must agree on
 # byte-level pieces, merges and special-token handling; the repeats give the BPE something to merge.
@@ -181,21 +183,21 @@ def source_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def export_cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m diffv2.weights export ...` with the base install: transformers and safetensors made unimportable."""
-    code = BLOCK_IMPORTS + f"from diffv2.weights import main; main({['export', *args]!r})"
+    """`python -m diffv2.infer.weights export ...` with the base install: transformers and safetensors made unimportable."""
+    code = BLOCK_IMPORTS + f"from diffv2.infer.weights import main; main({['export', *args]!r})"
     return run_watched([sys.executable, "-c", code], env=ENV)
 
 
 def fresh_model(ckpt: Path, seed: int = 123) -> Transformer:
     """A newly built model of the checkpoint's config, initialised from another seed than the source."""
-    from diffv2 import checkpoint
+    from diffv2.train import checkpoint
 
     torch.manual_seed(seed)
     return Transformer(model_config(checkpoint.read_meta(ckpt)["model"]))
 
 
 def test_export_round_trip_is_bit_identical(source_run, tmp_path):
-    """checkpoint -> `python -m diffv2.weights export` (torch alone) -> safetensors (the safetensors library reads it,
+    """checkpoint -> `python -m diffv2.infer.weights export` (torch alone) -> safetensors (the safetensors library reads it,
     our names, the config in its metadata) -> load_initial_weights into a fresh model: every tensor bit-identical to
     the checkpoint's model and identical logits; --dtype bf16 gives the rounded weights; RUN picks its newest."""
     from safetensors import safe_open
@@ -246,7 +248,7 @@ def moe_tied_model(seed: int, **kw) -> Transformer:
 
 
 def test_hf_export_directory_loads(source_run, tmp_path):
-    """A directory of `python -m diffv2.export_hf` (model.safetensors under our names) loads bit for bit: a real run's
+    """A directory of `python -m diffv2.infer.export_hf` (model.safetensors under our names) loads bit for bit: a real run's
     export, a tied-embedding MoE model's (expert biases included), and the same split into two shards with a
     model.safetensors.index.json, as transformers' save_pretrained writes large models."""
     ckpt, _ = source_run
@@ -292,7 +294,7 @@ def _file(tmp: Path, model: Transformer, edit=None, config: bool = True) -> Path
     state = weights.weights_state(model)
     if edit:
         edit(state)
-    meta = {"format": "pt", **({weights.CONFIG_KEY: json.dumps(dataclasses.asdict(model.cfg))} if config else {})}
+    meta = {"format": "pt", **({weight_files.CONFIG_KEY: json.dumps(dataclasses.asdict(model.cfg))} if config else {})}
     save_safetensors(state, tmp / "w.safetensors", metadata=meta)
     return tmp / "w.safetensors"
 
@@ -316,11 +318,11 @@ MISMATCHES = {  # case -> (make the weights for small_model(), words the one-lin
     "integer tensor": (lambda t: _file(t, small_model(), lambda s: s.update({"norm.weight": torch.ones(64).long()})),
                        ["norm.weight is torch.int64 but this model's norm.weight is torch.float32"]),
     "not a safetensors file": (lambda t: (t / "w.safetensors").write_bytes(b"\x10" * 64) and t / "w.safetensors",
-                               ["is not a safetensors weights file", "python -m diffv2.weights export"]),
+                               ["is not a safetensors weights file", "python -m diffv2.infer.weights export"]),
     "truncated file": (lambda t: (t / "w.safetensors").write_bytes(_file(t, small_model()).read_bytes()[:-100])
                        and t / "w.safetensors", ["do not hold F32", "is not a safetensors weights file"]),
-    "no such path": (lambda t: t / "nope.safetensors", ["not found", "python -m diffv2.weights export"]),
-    "directory without weights": (lambda t: t, ["holds no model.safetensors", "python -m diffv2.export_hf"]),
+    "no such path": (lambda t: t / "nope.safetensors", ["not found", "python -m diffv2.infer.weights export"]),
+    "directory without weights": (lambda t: t, ["holds no model.safetensors", "python -m diffv2.infer.export_hf"]),
 }
 
 
@@ -373,7 +375,7 @@ def test_loads_into_fsdp2_sharded_parameters(tmp_path):
 def test_export_command_errors_are_one_line(source_run, tmp_path, capsys):
     """A bad --dtype, --out a directory, a missing checkpoint, a DeepSpeed checkpoint: exit 2, one `error:` line,
     nothing written."""
-    from diffv2 import checkpoint
+    from diffv2.train import checkpoint
 
     ckpt, _ = source_run
     deepspeed = tmp_path / "ds" / "checkpoints" / "step_00000003"

@@ -1,6 +1,6 @@
 """The project's import graph, read from the source (stdlib only: nothing is imported or run).
 
-Every `import` / `from ... import` statement of the project's modules (diffv2/, data/, monitoring/, launch/,
+Every `import` / `from ... import` statement of the project's modules (diffv2/, data/, monitoring/, analysis/, launch/,
 train.py) counts, wherever it is: module level, inside a function or method ("local") and under
 `if TYPE_CHECKING:` ("typing"). Relative imports are resolved; `import a.b` and `from a.b import c` are edges to
 the module a.b (`from a import b` is an edge to a.b when a.b is a module; a package's __init__.py is the module
@@ -10,7 +10,8 @@ the module a.b (`from a import b` is an edge to a.b when a.b is a module; a pack
     python tools/import_graph.py --check                       the layering rules; exit 1 printing each violation
     python tools/import_graph.py --write docs/architecture.md  (re)generate the architecture page
 
-The rules (`violations`): no module of diffv2/ or data/ imports monitoring/; no import cycle between project modules;
+The rules (`violations`): no module of diffv2/ or data/ imports monitoring/; no module of diffv2/, data/ or
+monitoring/ imports the offline analysis/; diffv2's layers import downwards only (DIFFV2_LAYERS); no import cycle between project modules;
 train.py (the composition root) imports no monitoring module but monitoring.build. tests/test_layering.py asserts
 the same and that docs/architecture.md is what `--write` produces.
 """
@@ -25,9 +26,13 @@ from collections import defaultdict
 from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PKGS = ("diffv2", "data", "monitoring", "launch")
+PKGS = ("diffv2", "data", "monitoring", "analysis", "launch")
 FILES = ("train.py",)
-CORE = ("diffv2", "data")  # must not import monitoring
+CORE = ("diffv2", "data")  # must not import monitoring or analysis
+ONLINE = ("diffv2", "data", "monitoring")  # training-time code: must not import the offline analysis/
+# diffv2/'s own layers, lowest first: a module may import its own layer and the ones before it, never a later one
+# ("diffv2" is the top-level modules: config schema, optimizer, safe loading).
+DIFFV2_LAYERS = ("diffv2", "diffv2.model", "diffv2.parallel", "diffv2.train", "diffv2.infer")
 TRAIN_MONITORING = frozenset({"monitoring.build"})  # the only monitoring modules train.py may import
 WRITE_COMMAND = "python tools/import_graph.py --write docs/architecture.md"
 
@@ -192,6 +197,12 @@ def top(mod: str) -> str:
     return mod.split(".")[0]
 
 
+def unit(mod: str, subpackages: frozenset) -> str:
+    """The node of the package graph: a subpackage of diffv2/ (diffv2.model, ...) or a top-level package."""
+    parts = mod.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and ".".join(parts[:2]) in subpackages else parts[0]
+
+
 def _site_lines(src: str, dst: str, sites) -> list:
     return [f"    {site.where} [{site.kind}] {site.text}   ({src} -> {dst})" for site in sites]
 
@@ -202,6 +213,17 @@ def violations(edges: Edges) -> list:
     for (s, d), sites in edges.items():
         if top(s) in CORE and top(d) == "monitoring":
             out.append(f"{s} imports {d}: {'/'.join(CORE)} must not import monitoring/")
+            out += _site_lines(s, d, sites)
+        if top(s) in ONLINE and top(d) == "analysis":
+            out.append(f"{s} imports {d}: training-time code ({'/'.join(ONLINE)}) must not import analysis/")
+            out += _site_lines(s, d, sites)
+    layer = {u: i for i, u in enumerate(DIFFV2_LAYERS)}
+    subs = frozenset(DIFFV2_LAYERS[1:])
+    for (s, d), sites in edges.items():
+        us, ud = unit(s, subs), unit(d, subs)
+        if us in layer and ud in layer and layer[ud] > layer[us]:
+            out.append(f"{s} imports {d}: {us.replace('.', '/')}/ must not import {ud.replace('.', '/')}/ (diffv2's "
+                       f"layers, lowest first: {' < '.join(DIFFV2_LAYERS)})")
             out += _site_lines(s, d, sites)
     for (s, d), sites in edges.items():
         if s == "train" and top(d) == "monitoring" and d not in TRAIN_MONITORING:
@@ -220,44 +242,45 @@ def violations(edges: Edges) -> list:
 INTRO = """\
 # Architecture
 
-The framework is four layers; imports point down only. `python tools/import_graph.py --check` (and
-`tests/test_layering.py`) enforces it: no module of `diffv2/` or `data/` imports `monitoring/`, no import cycle
-between project modules, and `train.py` imports nothing from `monitoring/` but `monitoring.build`.
+Imports point one way only. `python tools/import_graph.py --check` (and `tests/test_layering.py`) enforces it: no
+module of `diffv2/` or `data/` imports `monitoring/`; nothing that runs during training imports the offline
+`analysis/`; inside `diffv2/` the layers below import downwards only; no import cycle between project modules;
+`train.py` imports nothing from `monitoring/` but `monitoring.build`.
 
-1. **`diffv2/`: the core.** The model (`model.py`, `attention.py`, `kernels.py`, `moe.py`, `loss.py`, `rope.py`,
-   `kv_cache.py`), parallelism (`parallel/`: the engines (FSDP2 / HSDP / DDP, DeepSpeed ZeRO), tensor and expert
-   parallelism, process groups, sharded gradient norms; the engine wraps the model, shards it and applies tensor
-   and expert parallelism (`FSDPEngine`); activation checkpointing and compile are still set by the model and the
-   trainer, and the model still carries hooks for TP, EP collectives and observers: one outside `parallelize()` is
-   the next step of this layering), the training loop (`trainer.py` and its parts in `components.py`, the callback interface `callbacks.py` /
-   `observers.py`, checkpoints, optimizer, the metric sink, faults, preemption) and inference (`inference.py`,
-   `generate.py`, `evaluate.py`, `needle.py`, `export_hf.py`). The core knows monitors only as callbacks
-   (`diffv2/callbacks.py`); it never imports them.
-2. **`data/`:** corpus preparation, tokenizers, datasets. `data/` and `diffv2/` import each other (the config, the
-   loaders) without forming a module cycle; neither imports `monitoring/`.
-3. **`monitoring/`:** the online monitors (callbacks the trainer drives: gradient norms, activations, attention
-   logits / sinks, context RMS, λ statistics, MoE, throughput, loss spikes), built from the config by
-   `monitoring/build.py`; and the offline report tools (`compare.py`, `compare_figures.py`, `run_data.py`,
-   `claims.py`, `wandb_report.py`, `plots.py`). Everything here imports the core, never the reverse.
-4. **`train.py`: the composition root.** It reads the Hydra config, builds the monitors (`monitoring.build`, its
-   only monitoring import) and hands them to the core's trainer. `launch/` (SLURM, torchrun, experiment suites)
-   drives `train.py`.
+| layer | what it holds | models followed |
+|---|---|---|
+| `diffv2/` (top-level modules) | the config schema (`config.py`, imports nothing of the project), the optimizer and lr schedules (`optim.py`), checkpoint reading without unpickling (`safe_load.py`) | torchtitan's `config/job_config.py` |
+| `diffv2/model/` | the single-device model: attention (DIFF V2, baseline, DIFF V1) in `attention.py`, `transformer.py`, `moe.py`, `kernels.py`, `loss.py`, `rope.py`, `kv_cache.py`, head counts (`heads.py`), FLOPs (`flops.py`), weight files (`weight_files.py`) | torchtitan's `models/llama3/model/model.py`, OLMo-core's `nn/` |
+| `diffv2/parallel/` | parallelism applied to the model from outside: tensor (`tensor.py`) and expert (`expert.py`) parallelism, the engines (`engine.py`: single device and FSDP2 / HSDP / DDP; `deepspeed_engine.py`: ZeRO), the factory (`build.py`), process groups (`dist.py`), sharded gradient norms (`norms.py`) | torchtitan's `parallelize_llama` and `distributed/` |
+| `diffv2/train/` | the training runtime: the loop (`trainer.py`) and its components (`components.py`), the callback interface (`callbacks.py`, `observers.py`), checkpoints, the metric sink, the non-finite guard, step undo, preemption and signals, profiling, fault points, the run record and lock, start-up validation (`validate.py`) and the memory check | torchtitan's `train.py` + `components/`, OLMo-core's `train/` (trainer + callbacks) |
+| `diffv2/infer/` | using a trained model: loading a run (`inference.py`), sampling (`generate.py`), evaluation (`evaluate.py`, `needle.py`), weight export (`weights.py`) and the Hugging Face export with its remote-code templates (`export_hf.py`, `hf/`) | lingua's `apps/main/generate.py`, `eval.py` |
+| `data/` | corpus preparation, tokenizers, megatron-core datasets | Megatron-LM's `tools/preprocess_data.py` |
+| `monitoring/` | the online monitors: callbacks the trainer drives (gradient norms, activations, attention logits / sinks, context RMS, λ statistics, MoE routing, throughput, loss spikes), built from the config by `monitoring/build.py` | OLMo-core's `train/callbacks/` |
+| `analysis/` | offline report tools over finished runs' `metrics.jsonl`: the comparison report (`compare.py`, `compare_figures.py`, `run_data.py`), the DIFF V2 claims (`claims.py`), the W&B report (`wandb_report.py`) | - |
+| `train.py`, `launch/` | the composition root (reads the Hydra config, builds the monitors, hands them to the trainer) and the launchers that drive it (SLURM, torchrun, experiment suites) | torchtitan's `train.py` entry point |
 
 Where a change goes:
 
 | change | files | pattern followed |
 |---|---|---|
-| a new monitor | `monitoring/<name>.py` (a `Callback` of `diffv2/callbacks.py`), its entry in `monitoring/build.py`, its config dataclass in `diffv2/config.py` (a field of `MonitoringConfig`) and defaults in `configs/monitoring/` | OLMo-core's callbacks: the loop calls hooks, a monitor is a plug-in |
-| a new attention variant | `diffv2/attention.py` (+ an `AttentionConfig` field when it needs one) and `configs/attention/<name>.yaml` | one module, the variant a config switch |
-| a new engine or parallelism | `diffv2/parallel/` (one plan or `Engine` per file; `diffv2/parallel/build.py` picks it) | torchtitan's `parallelize_llama` (parallelism applied to the model from outside) and its `components` (the trainer built from swappable parts, here `diffv2/components.py`) |
+| a new monitor | `monitoring/<name>.py` (a `Callback` of `diffv2/train/callbacks.py`), its entry in `monitoring/build.py`, its config dataclass in `diffv2/config.py` (a field of `MonitoringConfig`) and defaults in `configs/monitoring/` | OLMo-core's callbacks: the loop calls hooks, a monitor is a plug-in |
+| a new attention variant | `diffv2/model/attention.py` (+ an `AttentionConfig` field when it needs one, its head counts in `diffv2/model/heads.py`) and `configs/attention/<name>.yaml` | one module, the variant a config switch |
+| a new engine or parallelism | `diffv2/parallel/` (one plan or `Engine` per file; `diffv2/parallel/build.py` picks it) | torchtitan's `parallelize_llama` (parallelism applied to the model from outside) and its `components` (the trainer built from swappable parts, here `diffv2/train/components.py`) |
+| a new step in the loop | a component in `diffv2/train/components.py` or a `Callback` | torchtitan's `train()`, OLMo-core's `_fit_epoch` |
+| a new report | `analysis/` | - |
 
 Everything below is generated from the source by `{command}`; do not edit it by hand.
 """
 
 LABELS = {
-    "diffv2": "diffv2/ (core: model, parallel, training loop, inference)",
+    "diffv2": "diffv2/ (config, optimizer, safe loading)",
+    "diffv2.model": "diffv2/model/ (single-device model)",
+    "diffv2.parallel": "diffv2/parallel/ (parallelism, engines)",
+    "diffv2.train": "diffv2/train/ (training loop)",
+    "diffv2.infer": "diffv2/infer/ (inference, export)",
+    "analysis": "analysis/ (offline reports)",
     "data": "data/",
-    "monitoring": "monitoring/ (monitors, report tools)",
+    "monitoring": "monitoring/ (online monitors)",
     "launch": "launch/",
     "train": "train.py (composition root)",
 }
@@ -273,13 +296,16 @@ def render(root: str = ROOT) -> str:
     """docs/architecture.md: the intro above, the package graph (mermaid) and the module table. Deterministic."""
     mods = project_files(root)
     edges = collect(root)
-    packages = sorted({top(m) for m in mods})
-    pkg_edges = sorted({(top(s), top(d)) for (s, d) in edges if top(s) != top(d)})
+    subpackages = frozenset(m for m, rel in mods.items() if rel.endswith("__init__.py") and m.count(".") == 1)
+    packages = sorted({unit(m, subpackages) for m in mods})
+    pkg_edges = sorted({(unit(s, subpackages), unit(d, subpackages)) for (s, d) in edges
+                        if unit(s, subpackages) != unit(d, subpackages)})
     lines = [INTRO.format(command=WRITE_COMMAND), "## Package graph", "",
              "An arrow means \"imports\" (any module of the package, any kind of import).", "",
              "```mermaid", "flowchart TD"]
-    lines += [f"    {p}[\"{LABELS.get(p, p + '/')}\"]" for p in packages]
-    lines += [f"    {s} --> {d}" for s, d in pkg_edges]
+    node = lambda p: p.replace(".", "_")  # noqa: E731 - mermaid ids have no dots
+    lines += [f"    {node(p)}[\"{LABELS.get(p, p.replace('.', '/') + '/')}\"]" for p in packages]
+    lines += [f"    {node(s)} --> {node(d)}" for s, d in pkg_edges]
     lines += ["```", "", "## Module imports", "",
               "Project modules only; (local): imported inside a function only, (typing): under `TYPE_CHECKING` only.",
               "", "| module | imports |", "|---|---|"]

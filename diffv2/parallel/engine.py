@@ -49,7 +49,7 @@ def tensor_bytes(state) -> int:
 
 
 class TrainEngine(Protocol):
-    """What the training loop (diffv2/trainer.py) needs of an engine: the step, the checkpoint I/O, and the
+    """What the training loop (diffv2/train/trainer.py) needs of an engine: the step, the checkpoint I/O, and the
     capabilities it declares, so the loop asks what an engine can do and never which engine it is."""
 
     name: str  # for messages

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffv2.moe import MoE, GroupedExperts
+from diffv2.model.moe import MoE, GroupedExperts
 
 
 class _AllToAll(torch.autograd.Function):

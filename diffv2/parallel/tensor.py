@@ -41,8 +41,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from diffv2.config import ModelConfig
-from diffv2.flops import effective_config
-from diffv2.heads import output_heads, query_heads, validate_heads
+from diffv2.model.flops import effective_config
+from diffv2.model.heads import output_heads, query_heads, validate_heads
 
 
 def _tp_divisors(cfg: ModelConfig) -> dict[str, int]:

@@ -1,1 +1,0 @@
-"""Remote-code templates that diffv2.export_hf copies next to exported weights; the framework never imports them."""

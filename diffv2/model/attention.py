@@ -1,0 +1,230 @@
+"""DIFF V2, the standard GQA baseline and DIFF V1 attention from one module (spec §2, §3, §4).
+
+Legend: B batch, N sequence (new tokens when decoding), L keys (N, or every cached slot when decoding), M d_model,
+H output heads (h), Q query heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffv2.config import AttentionConfig, ModelConfig
+from diffv2.model.heads import output_heads, query_heads, validate_heads
+from diffv2.model.kernels import causal_attention
+from diffv2.model.recompute import recomputing
+from diffv2.model.rope import RotaryEmbedding
+
+try:
+    from torch.distributed.tensor import DTensor, Partial
+except ImportError:  # torch built without distributed: no tensor parallelism, every parameter is plain
+    DTensor = Partial = None
+
+if TYPE_CHECKING:
+    from diffv2.model.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+# An observer receives (layer_idx, stats dict) from the same forward; None costs nothing (monitoring hook).
+Observer = Callable[[int, dict], None]
+
+
+def lambda_init(depth: int) -> float:
+    """DIFF V1 lambda_init schedule, depth = 0-based layer index (spec §3)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+def tp_local(p: torch.Tensor) -> torch.Tensor:
+    """p itself, or this rank's copy of a parameter replicated over the TP ranks (a Replicate DTensor, see
+    diffv2/parallel/tensor.py). Each rank's heads give part of its gradient, so backward all-reduces it (the
+    redistribute turns the Partial gradient back into the parameter's Replicate placement)."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return p
+    grad = [Partial() if pl.is_replicate() else pl for pl in p.placements]
+    return p.redistribute(placements=p.placements).to_local(grad_placements=grad)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps).type_as(x)
+        return y * tp_local(self.weight) if self.weight is not None else y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "math",
+                 fused_combine: Optional[FusedCombine] = None):
+        """`fused_combine`: the model's compiled combine for GPU inference (shared by its layers); None: this layer
+        makes its own."""
+        super().__init__()
+        validate_heads(cfg)
+        a: AttentionConfig = cfg.attention
+        self.cfg, self.layer_idx, self.backend = a, layer_idx, backend
+        self.variant, self.head_dim = a.variant, cfg.head_dim
+        # Head counts of this module; under tensor parallelism (degree tp) they count this rank's heads.
+        self.n_q, self.n_out, self.n_kv, self.tp = query_heads(cfg), output_heads(cfg), cfg.n_kv_heads, 1
+        d, m = cfg.head_dim, cfg.d_model
+        self.q_proj = nn.Linear(m, self.n_q * d, bias=False)
+        self.k_proj = nn.Linear(m, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(m, self.n_kv * d, bias=False)  # V1: n_kv/2 heads of 2d, same size
+        self.o_proj = nn.Linear(self.n_out * d, m, bias=False)
+        self.lambda_proj = None
+        if self.variant == "diffv2" and a.lambda_mode != "none":  # ablation 2 has no lambda at all
+            self.lambda_proj = nn.Linear(m, cfg.n_heads, bias=False)  # one lambda per token per output head
+        if self.variant == "diffv1":
+            self.lambda_init = lambda_init(layer_idx)
+            self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+                nn.Parameter(torch.zeros(d)) for _ in range(4)
+            )
+            self.subln = RMSNorm(2 * d, eps=1e-5)  # one affine shared by all heads (spec §3)
+        self.q_norm = RMSNorm(d, cfg.norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.norm_eps) if a.qk_norm else None
+        self.rope = RotaryEmbedding(d, cfg.max_seq_len, a.rope_theta, a.rope_style)
+        self.observer: Optional[Observer] = None
+        self.fused_combine = FusedCombine() if fused_combine is None else fused_combine
+
+    def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, observe: Optional[bool] = None) -> torch.Tensor:
+        """Causal self-attention over x; with a cache, x holds the new tokens and attends to every cached slot too.
+
+        `observe`: compute the observer's statistics in this forward (None: whenever an observer is installed).
+        Compiled callers pass it explicitly, so the graph never depends on a guard on the `observer` attribute: on
+        torch 2.11 (GPU), a compiled block that read the attribute ran its observed graph after the slot had been
+        emptied."""
+        b, n, _ = x_BNM.shape
+        # Head counts come from the projections: under tensor parallelism they hold this rank's heads only.
+        q_BNQD = self.q_proj(x_BNM).view(b, n, -1, self.head_dim)
+        k_BNKD = self.k_proj(x_BNM).view(b, n, -1, self.head_dim)
+        v_width = 2 * self.head_dim if self.variant == "diffv1" else self.head_dim  # V1: n_kv/2 heads of 2D (§3)
+        v_BNKD = self.v_proj(x_BNM).view(b, n, -1, v_width)
+        if self.q_norm is not None:  # before RoPE, as Qwen3
+            q_BNQD, k_BNKD = self.q_norm(q_BNQD), self.k_norm(k_BNKD)
+        offset, positions_BN = (0, None) if cache is None else (cache.length, cache.positions(n))
+        q_BNQD, k_BNKD = self.rope(q_BNQD, offset, positions_BN), self.rope(k_BNKD, offset, positions_BN)
+        # spec §2.5: the cache holds k and v only; queries, lambda and the combination are per new token.
+        k_BLKD, v_BLKD = (k_BNKD, v_BNKD) if cache is None else cache.update(self.layer_idx, k_BNKD, v_BNKD)
+        decoding = {} if cache is None else {"cache": cache}  # training calls the cores as always (hooks wrap them)
+        if observe is not None:
+            decoding["observe"] = observe
+        if self.variant == "diffv1":
+            ctx_BNHD = self.diffv1_core(q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, **decoding)
+        else:
+            lam_BNH = self.lambda_proj(x_BNM) if self.lambda_proj is not None else None  # spec A6: input of q/k/v
+            ctx_BNHD = self.core(q_BNQD, k_BLKD, v_BLKD, lam_BNH, doc_ids_BN, **decoding)
+        return self.o_proj(ctx_BNHD.reshape(b, n, -1))
+
+    def core(self, q_BNQD, k_BLKD, v_BLKD, lam_BNH=None, doc_ids_BN=None, *, cache=None,
+             observe: Optional[bool] = None) -> torch.Tensor:
+        """Attention kernel, then (DIFF V2) the per-pair differential combination; returns (B, N, H, D)."""
+        observe = self.observer is not None if observe is None else observe
+        attn_BNQD = self._attend(q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, cache)
+        if self.variant != "diffv2":
+            if observe:
+                self._emit(dict(context=attn_BNQD))
+            return attn_BNQD
+        if self.cfg.pairing == "interleave":  # spec §2.4: heads 2i, 2i+1 share a GQA group
+            attn1_BNHD, attn2_BNHD = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
+        else:  # ablation 1 (spec R3): pairs across groups
+            attn1_BNHD, attn2_BNHD = attn_BNQD.chunk(2, dim=2)
+        # Eager inference on a GPU: one kernel (a compiled block fuses the combine itself; bf16 mode: op by op)
+        fuse = (attn_BNQD.is_cuda and not torch.is_grad_enabled() and self.cfg.combine_fp32
+                and not torch.compiler.is_compiling())
+        combine_fn = self.fused_combine if fuse else combine
+        ctx_BNHD, scale_BNH = combine_fn(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
+        if observe:
+            self._emit(dict(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH))
+        return ctx_BNHD
+
+    def diffv1_core(self, q_BNQD, k_BLKD, v_BLKE, doc_ids_BN=None, *, cache=None,
+                    observe: Optional[bool] = None) -> torch.Tensor:
+        """DIFF V1, flash-version semantics (spec §3, A24): q1/k1 = even heads, q2/k2 = odd heads, V of width 2D."""
+        observe = self.observer is not None if observe is None else observe
+        d = self.head_dim
+        q12 = torch.cat((q_BNQD[:, :, 0::2], q_BNQD[:, :, 1::2]), dim=2)  # [q1 heads | q2 heads]
+        k12 = torch.cat((k_BLKD[:, :, 0::2], k_BLKD[:, :, 1::2]), dim=2)  # [k1 heads | k2 heads]
+        # Two calls over the V halves (flashdiff_2): the kernel needs equal qk and v widths.
+        halves = [self._attend(q12, k12, torch.cat((vh, vh), dim=2), doc_ids_BN, cache)
+                  for vh in (v_BLKE[..., :d], v_BLKE[..., d:])]
+        attn_BNQE = torch.cat(halves, dim=-1)
+        attn1_BNHE, attn2_BNHE = attn_BNQE.chunk(2, dim=2)
+        lq1, lk1, lq2, lk2 = (tp_local(p) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        lam = (
+            torch.exp(torch.dot(lq1.float(), lk1.float())) - torch.exp(torch.dot(lq2.float(), lk2.float()))
+            + self.lambda_init
+        ).to(q_BNQD.dtype)
+        ctx = self.subln(attn1_BNHE - lam * attn2_BNHE) * (1 - self.lambda_init)
+        b, n, hh, _ = ctx.shape
+        ctx_BNHD = ctx.reshape(b, n, 2 * hh, d)
+        if observe:
+            self._emit(dict(context=ctx_BNHD, lambda_full=lam))
+        return ctx_BNHD
+
+    def _attend(self, q_BNQD, k_BLKD, v_BLKD, doc_ids_BN, cache) -> torch.Tensor:
+        if cache is None:
+            return causal_attention(q_BNQD, k_BLKD, v_BLKD, self.backend, doc_ids_BN)
+        return cache.attend(q_BNQD, k_BLKD, v_BLKD, self.backend)  # bottom-right causal over the cached slots
+
+    @torch.compiler.disable
+    def _emit(self, stats: dict) -> None:
+        """Hand the statistics to the observer, outside any compiled graph: a compiled block breaks its graph here
+        (its statistics tensors become outputs) instead of tracing the observer, which would specialise the graph on
+        this layer's index and recompile once per layer. The same graphs serve a checkpointed block's recomputation,
+        which the observer has seen already. The slot is read here, outside the graph: emptied since the caller
+        decided to observe, the statistics are dropped."""
+        if self.observer is not None and not recomputing():
+            self.observer(self.layer_idx, stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_combine() -> Callable:
+    """`combine` compiled with dynamic shapes (one compilation for every batch and length), memoized: one compiled
+    callable per process, however many models use it (same pattern as kernels._compiled_flex)."""
+    return torch.compile(combine, dynamic=True, fullgraph=True)
+
+
+class FusedCombine:
+    """`combine` compiled into one kernel, for inference on a GPU (decode, generation, evaluation).
+
+    Eager, the combination is ~7 kernels per layer (the λ and two strided-view casts, sigmoid, product, difference,
+    the cast back); at decode batch 16 those launches alone, ~0.3 ms per step over 16 layers, were most of DIFF V2's
+    extra time per token (docs/inference.md). Compiled blocks (training) fuse it already, and autograd keeps the
+    eager function. If compilation fails, `broken` is set and the eager function is used from then on by this
+    object, with one warning. One object per model (the Transformer passes its own to every Attention layer; a
+    standalone Attention makes its own). Used with `combine_fp32` only: the activation-dtype mode rounds after every
+    op, which a fused kernel (fp32 inside) does not reproduce."""
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def __call__(self, *args):
+        if self.broken:
+            return combine(*args)
+        try:
+            return _compiled_combine()(*args)
+        except Exception as e:  # noqa: BLE001 (any compiler failure): the eager function is exact
+            self.broken = True
+            log.warning("fused DIFF V2 combine unavailable (%s: %s); using eager kernels", type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            return combine(*args)
+
+
+def combine(attn1_BNHD, attn2_BNHD, lam_BNH, lambda_mode: str, fp32: bool):
+    """attn1 - s * attn2 with s = sigmoid(lambda) (spec §2.2 step 5); nothing after the subtraction (T10)."""
+    out_dtype = attn1_BNHD.dtype
+    if lambda_mode == "none":  # ablation 2: plain attn1 - attn2
+        return attn1_BNHD - attn2_BNHD, None
+    compute_dtype = torch.float32 if fp32 else out_dtype  # spec A5: bf16 sigmoid has 2^-8 steps near 1
+    lam_BNH = lam_BNH.to(compute_dtype)
+    scale_BNH = torch.sigmoid(lam_BNH) if lambda_mode == "sigmoid" else lam_BNH  # "raw" = ablation 3
+    diff_BNHD = attn1_BNHD.to(compute_dtype) - scale_BNH.unsqueeze(-1) * attn2_BNHD.to(compute_dtype)
+    return diff_BNHD.to(out_dtype), scale_BNH

@@ -1,0 +1,215 @@
+"""Mixture-of-experts FFN: token-choice top-k router, fine-grained SwiGLU experts, load balancing.
+
+Single-device PyTorch: expert parallelism is applied from outside (diffv2/parallel/expert.py) by swapping
+`MoE.dispatch`, the function that runs expert-sorted tokens through the experts.
+
+Legend: T tokens, M d_model, E experts (local experts under EP), K top_k, A = T*K routing slots,
+S slots kept after the capacity limit (sorted by expert), F expert hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from diffv2.config import MoEConfig
+from diffv2.model.recompute import recomputing
+
+# (experts, x_SM sorted by expert, tokens per expert E) -> y_SM; EP swaps in an all-to-all version.
+Dispatch = Callable[["GroupedExperts", torch.Tensor, torch.Tensor], torch.Tensor]
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as (E, in, out) stacks: one grouped GEMM per projection instead of E small ones."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "auto"):
+        super().__init__()
+        self.impl = impl
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # gate
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # up
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # down (a residual output projection)
+
+    def use_grouped_mm(self, x: torch.Tensor) -> bool:
+        if self.impl == "auto":
+            # CPU grouped_mm has no fast kernel and its bf16 backward fails on zero-stride grads.
+            return x.is_cuda and _grouped_mm is not None
+        return self.impl == "grouped_mm"
+
+    def forward(self, x_SM: torch.Tensor, tokens_E: torch.Tensor) -> torch.Tensor:
+        if self.use_grouped_mm(x_SM):
+            return self._grouped(x_SM, tokens_E)
+        return self._loop(x_SM, tokens_E)
+
+    def _grouped(self, x_SM, tokens_E):
+        if _grouped_mm is None:
+            raise ValueError("model.moe.experts_impl=grouped_mm needs torch.nn.functional.grouped_mm "
+                             "(torch >= 2.8); use model.moe.experts_impl=loop")
+        offs_E = tokens_E.cumsum(0).to(torch.int32)  # end row of each expert's group, stays on device
+        dtype = torch.get_autocast_dtype(x_SM.device.type) if torch.is_autocast_enabled(x_SM.device.type) else None
+        w1, w3, w2 = (w if dtype is None else w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        x_SM = x_SM if dtype is None else x_SM.to(dtype)  # grouped_mm is not on autocast's cast lists
+        h_SF = F.silu(_grouped_mm(x_SM, w1, offs=offs_E)) * _grouped_mm(x_SM, w3, offs=offs_E)
+        return _grouped_mm(h_SF, w2, offs=offs_E)
+
+    def _loop(self, x_SM, tokens_E):
+        """Reference path (and the CPU one): one SwiGLU per expert over its contiguous rows."""
+        outs = [
+            (F.silu(x_sM @ self.w1[e]) * (x_sM @ self.w3[e])) @ self.w2[e]
+            for e, x_sM in enumerate(x_SM.split(tokens_E.tolist()))
+        ]
+        return torch.cat(outs) if outs else x_SM.new_zeros(0, self.w2.shape[-1])
+
+
+def local_dispatch(experts: GroupedExperts, x_SM: torch.Tensor, tokens_E: torch.Tensor) -> torch.Tensor:
+    return experts(x_SM, tokens_E)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x_TM: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_TM)) * self.up_proj(x_TM))
+
+
+def route(logits_TE: torch.Tensor, k: int, score: str, bias_E: Optional[torch.Tensor] = None):
+    """(scores_TE, experts_TK, weights_TK): top-k of scores (+ bias, for selection only), weights renormalised."""
+    scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
+    select_TE = scores_TE if bias_E is None else scores_TE + bias_E  # arXiv 2408.15664: bias never weights outputs
+    experts_TK = select_TE.topk(k, dim=-1, sorted=False).indices
+    weights_TK = scores_TE.gather(-1, experts_TK)
+    return scores_TE, experts_TK, weights_TK / weights_TK.sum(-1, keepdim=True)
+
+
+def load_balance_loss(scores_TE: torch.Tensor, tokens_E: torch.Tensor, k: int) -> torch.Tensor:
+    """E * sum_e f_e * P_e: f_e = share of the T*K slots routed to e (no grad), P_e = mean normalised score of e.
+
+    Equals 1 under perfect balance. tokens_E may be summed over the data-parallel ranks (global batch, Qwen3).
+    """
+    n_experts = scores_TE.shape[-1]
+    f_E = tokens_E / tokens_E.sum().clamp_min(1)
+    p_E = (scores_TE / scores_TE.sum(-1, keepdim=True)).mean(0)  # sigmoid scores do not sum to 1
+    return n_experts * (f_E * p_E).sum()
+
+
+class MoE(nn.Module):
+    """Router + routed experts (+ shared experts); exposes `moe_stats` for monitoring/moe.py."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = nn.Linear(d_model, cfg.n_experts, bias=False)
+        self.experts = GroupedExperts(cfg.n_experts, d_model, cfg.expert_hidden, cfg.experts_impl)
+        hidden = cfg.n_shared_experts * cfg.expert_hidden  # n shared experts = one SwiGLU n times as wide
+        self.shared_expert = SharedExpert(d_model, hidden) if hidden else None
+        # Persistent: the bias is routing state that an exact resume must restore.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)  # monitor window
+        self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)  # bias update
+        self.dispatch: Dispatch = local_dispatch
+        self.expert_slice: Optional[tuple[int, int]] = None  # under expert parallelism: this rank's experts [lo, hi)
+        self.balance_group: Optional[dist.ProcessGroup] = None  # None = the default group once initialised
+        self.router_loss: Optional[torch.Tensor] = None  # weighted aux + z loss of the last forward
+        self.last_aux_loss = self.last_z_loss = None
+
+    def reset_buffers(self) -> None:
+        """Routing state back to its start (zeros), also after a meta-device build is materialised."""
+        for buf in (self.expert_bias, self.tokens_per_expert, self.load_since_update):
+            if not buf.is_meta:
+                buf.zero_()
+
+    @property
+    def moe_stats(self) -> dict:
+        """The monitoring contract (monitoring/moe.py); built on read so it follows .to(device)."""
+        return {"tokens_per_expert": self.tokens_per_expert, "aux_loss": self.last_aux_loss,
+                "z_loss": self.last_z_loss, "expert_bias": self.expert_bias}
+
+    def _group(self) -> Optional[dist.ProcessGroup]:
+        if self.balance_group is not None:
+            return self.balance_group
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+    def forward(self, x_BNM: torch.Tensor) -> torch.Tensor:
+        x_TM = x_BNM.reshape(-1, x_BNM.shape[-1])
+        dtype = torch.promote_types(x_TM.dtype, torch.float32)  # routing in fp32 (fp64 in gradient checks)
+        with torch.autocast(x_TM.device.type, enabled=False):
+            logits_TE = F.linear(x_TM.to(dtype), self.router.weight.to(dtype))
+        bias_E = self.expert_bias if self.cfg.balance == "aux_free" else None
+        scores_TE, experts_TK, weights_TK = route(logits_TE, self.top_k, self.cfg.router, bias_E)
+        # Tokens per expert with a static shape (bincount's depends on the data: a graph break under compile);
+        # integer counts, so the order of the additions cannot change them.
+        experts_A = experts_TK.flatten()
+        routed_E = torch.zeros(self.n_experts, dtype=torch.long, device=experts_A.device).scatter_add_(
+            0, experts_A, torch.ones_like(experts_A)).float()
+        self._account(logits_TE, scores_TE, routed_E)
+
+        y_TM = self._experts(x_TM, experts_TK, weights_TK, routed_E)
+        if self.shared_expert is not None:
+            y_TM = y_TM + self.shared_expert(x_TM)
+        return y_TM.view_as(x_BNM)
+
+    def _account(self, logits_TE, scores_TE, routed_E) -> None:
+        """Statistics and the router losses; the global-batch token counts come from every rank."""
+        global_E = routed_E.clone()
+        if (group := self._group()) is not None:
+            dist.all_reduce(global_E, group=group)  # counts carry no gradient: a plain collective is enough
+        aux = load_balance_loss(scores_TE, global_E, self.top_k)
+        z = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        loss = self.cfg.z_loss_coef * z if self.cfg.z_loss_coef else z.new_zeros(())
+        if self.cfg.balance == "aux_loss":
+            loss = loss + self.cfg.aux_loss_coef * aux
+        self._record(loss, aux, z, routed_E)
+
+    @torch.compiler.disable  # decided when it runs, never traced: forward and recomputation share one compiled graph
+    def _record(self, loss, aux, z, routed_E) -> None:
+        """Keep the router loss and statistics of the forward. Activation checkpointing re-runs the forward in
+        backward (the same ops, so that it saves the same tensors), but that loss was already taken and those tokens
+        already counted; storing the recomputed loss would keep the recomputed block's graph alive until the next
+        forward (~20 GiB per GPU on 30A3 with 4 GPUs)."""
+        if recomputing():
+            return
+        self.last_aux_loss, self.last_z_loss = aux.detach(), z.detach()
+        self.router_loss = loss
+        if self.training:
+            self.tokens_per_expert += routed_E
+            self.load_since_update += routed_E
+
+    def _experts(self, x_TM, experts_TK, weights_TK, routed_E) -> torch.Tensor:
+        t, m = x_TM.shape
+        expert_A = experts_TK.flatten()
+        order_A = expert_A.argsort(stable=True)  # slots grouped by expert, token order within an expert
+        tokens_E = routed_E.long()
+        if self.cfg.capacity_factor > 0:
+            capacity = math.ceil(self.cfg.capacity_factor * t * self.top_k / self.n_experts)
+            first_E = tokens_E.cumsum(0) - tokens_E
+            rank_A = torch.arange(order_A.numel(), device=x_TM.device) - first_E[expert_A[order_A]]
+            order_A = order_A[rank_A < capacity]  # later tokens of an over-full expert are dropped
+            tokens_E = tokens_E.clamp(max=capacity)
+        y_SM = self.dispatch(self.experts, x_TM[order_A // self.top_k], tokens_E)
+        # Un-sort into (T, K) slots (dropped slots stay 0) and take the weighted sum: no atomics, deterministic.
+        y_AM = y_SM.new_zeros(t * self.top_k, m).index_copy(0, order_A, y_SM)
+        y_TKM = y_AM.view(t, self.top_k, m)
+        return (y_TKM * weights_TK.unsqueeze(-1).to(y_TKM.dtype)).sum(1).to(x_TM.dtype)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing (arXiv 2408.15664): nudge under-loaded experts up, over-loaded ones down.
+
+        Called after each optimizer step with the loads of every forward since the last call.
+        """
+        if self.cfg.balance == "aux_free":
+            load_E = self.load_since_update
+            if (group := self._group()) is not None:
+                dist.all_reduce(load_E, group=group)  # every rank applies the same update
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.load_since_update.zero_()
