@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from diffv2.train.callbacks import Callback, TrainContext, every
+from diffv2.parallel import dist as pdist
 
 
 def residual_stats(x: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
@@ -88,12 +89,13 @@ def _over_ranks(tops_LK: torch.Tensor, means_L2: torch.Tensor, tp: int = 1) -> t
     each group enters the top-k (ranks are tp-innermost); the mean is unchanged by the equal copies."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = pdist.world_size()
+    if world == 1:
         return tops_LK, means_L2
-    gathered = [torch.empty_like(tops_LK) for _ in range(dist.get_world_size())]
+    gathered = [torch.empty_like(tops_LK) for _ in range(world)]
     dist.all_gather(gathered, tops_LK.contiguous())
     k = tops_LK.shape[1]
     tops_LK = torch.cat(gathered[::tp], dim=1).topk(k, dim=1).values
     means_L2 = means_L2.clone()
     dist.all_reduce(means_L2)
-    return tops_LK, means_L2 / dist.get_world_size()
+    return tops_LK, means_L2 / world

@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 import torch
 
 from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
+from diffv2.train.validate import validate_update_sample
 from diffv2.parallel.norms import bucket_sum_squares, local_piece
 
 KINDS = ("q", "k", "v", "o", "lambda", "mlp", "router", "experts", "embed", "norm", "other")
@@ -77,9 +78,7 @@ class GradNormMonitor(Callback):
     name = "grad_norms"
 
     def __init__(self, interval: int, param_norms: bool = True, update_sample: int = 16):
-        if update_sample < 1:
-            raise ValueError(f"monitoring.grad_norms.update_sample={update_sample} must be >= 1 (1 = exact, a full "
-                             f"parameter copy; k keeps every k-th element of large tensors)")
+        validate_update_sample(update_sample)
         self.interval, self.param_norms, self.update_sample = interval, param_norms, update_sample
         self._before: Optional[list[tuple[torch.Tensor, float, int]]] = None
         self._metrics: dict = {}

@@ -16,6 +16,7 @@ import torch
 
 from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
 from diffv2.model.flops import peak_flops
+from diffv2.parallel import dist as pdist
 
 
 class PerfMonitor(Callback):
@@ -28,7 +29,7 @@ class PerfMonitor(Callback):
         self.last = ctx.cfg.trainer.max_steps
         self.ctx = ctx
         self.cuda = ctx.device.type == "cuda"
-        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.world = pdist.world_size()
         self.peak = peak_flops(torch.cuda.get_device_name(ctx.device)) if self.cuda else 0.0
         self.t_begin, self.cpu_begin = time.perf_counter(), time.process_time()
         self._reset()

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from diffv2.parallel import dist as pdist
+
 
 def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return pdist.world_size() > 1
 
 
 def gather_heads(tensors: list[torch.Tensor], tp: int = 1) -> list[torch.Tensor]:
@@ -31,7 +31,7 @@ def gather_heads(tensors: list[torch.Tensor], tp: int = 1) -> list[torch.Tensor]
     if not _distributed():
         return [t[None] for t in tensors]
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    world = dist.get_world_size()
+    world = pdist.world_size()
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     per_rank_GTF = torch.stack(gathered).view(world // tp, tp, -1)  # (dp groups, tp shards, flat)

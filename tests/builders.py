@@ -1,6 +1,8 @@
-"""Builders shared by the attention test files: the module under test from spec-grid shapes."""
+"""Builders shared by the test files: the attention module under test from spec-grid shapes, config variants."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -17,3 +19,8 @@ def model_cfg(D, h, h_kv, d, max_seq_len=512, **attn) -> ModelConfig:
 def make_attention(D, h, h_kv, d, seed=0, dtype=torch.float32, layer_idx=0, backend="math", **attn) -> Attention:
     torch.manual_seed(seed)
     return init_sharp_(Attention(model_cfg(D, h, h_kv, d, **attn), layer_idx, backend)).to(dtype)
+
+
+def with_attention(cfg: ModelConfig, **overrides) -> ModelConfig:
+    """A copy of cfg with attention fields replaced (several arms from one config)."""
+    return replace(cfg, attention=replace(cfg.attention, **overrides))

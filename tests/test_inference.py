@@ -164,7 +164,9 @@ def test_diffv2_cache_bytes_equal_baseline(h, h_kv, d, dtype):
                           max_seq_len=16, attention=AttentionConfig(**VARIANTS[variant]))
         cache = KVCache(cfg, batch=2, max_len=16, dtype=dtype, device=torch.device("cpu"))
         stored = sum(t.numel() * t.element_size() for t in cache.k_BLKD + cache.v_BLKD)
-        assert cache.bytes_per_token_per_layer() == expected, variant
+        per_token = {k[0, 0].numel() * k.element_size() + v[0, 0].numel() * v.element_size()
+                     for k, v in zip(cache.k_BLKD, cache.v_BLKD)}  # one slot of one row, per layer
+        assert per_token == {expected}, variant
         assert stored == expected * 2 * 16 * 3, variant
 
 

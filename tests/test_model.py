@@ -23,7 +23,8 @@ from diffv2.model.flops import attention_core_flops, attention_params, count, ml
 from diffv2.model.heads import validate_heads  # noqa: E402
 from diffv2.model.kernels import causal_attention, doc_ids_from_tokens, resolve_backend  # noqa: E402
 from diffv2.model.loss import linear_cross_entropy  # noqa: E402
-from diffv2.model.transformer import Transformer, with_attention  # noqa: E402
+from diffv2.model.transformer import Transformer  # noqa: E402
+from tests.builders import with_attention  # noqa: E402
 from tests import reference as ref  # noqa: E402
 from tests.builders import make_attention, model_cfg  # noqa: E402
 from tests.reference import assert_rel_close, weights  # noqa: E402

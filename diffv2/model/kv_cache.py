@@ -57,10 +57,6 @@ class KVCache:
         p = next(model.parameters())
         return cls(model.cfg, batch, max_len, p.dtype, p.device, pads_B, tp=model.blocks[0].attn.tp)
 
-    def bytes_per_token_per_layer(self) -> int:
-        k, v = self.k_BLKD[0], self.v_BLKD[0]
-        return (k[0, 0].numel() + v[0, 0].numel()) * k.element_size()
-
     def positions(self, n: int) -> Optional[torch.Tensor]:
         """RoPE positions (B, n) of the next n tokens of every row: slot − pads, 0 for pads; None without padding
         (positions are the slots then). One tensor per forward, shared by its layers."""

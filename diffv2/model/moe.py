@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffv2.config import MoEConfig
+from diffv2.model.ffn import SwiGLU
 from diffv2.model.recompute import recomputing
 
 # (experts, x_SM sorted by expert, tokens per expert E) -> y_SM; EP swaps in an all-to-all version.
@@ -70,17 +71,6 @@ def local_dispatch(experts: GroupedExperts, x_SM: torch.Tensor, tokens_E: torch.
     return experts(x_SM, tokens_E)
 
 
-class SharedExpert(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x_TM: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_TM)) * self.up_proj(x_TM))
-
-
 def route(logits_TE: torch.Tensor, k: int, score: str, bias_E: Optional[torch.Tensor] = None):
     """(scores_TE, experts_TK, weights_TK): top-k of scores (+ bias, for selection only), weights renormalised."""
     scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
@@ -111,7 +101,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(d_model, cfg.n_experts, bias=False)
         self.experts = GroupedExperts(cfg.n_experts, d_model, cfg.expert_hidden, cfg.experts_impl)
         hidden = cfg.n_shared_experts * cfg.expert_hidden  # n shared experts = one SwiGLU n times as wide
-        self.shared_expert = SharedExpert(d_model, hidden) if hidden else None
+        self.shared_expert = SwiGLU(d_model, hidden) if hidden else None
         # Persistent: the bias is routing state that an exact resume must restore.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)  # monitor window

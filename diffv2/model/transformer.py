@@ -8,7 +8,6 @@ router losses (load balance, z-loss) to the loss that is backpropagated; the ret
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffv2.model.attention import Attention, FusedCombine, RMSNorm
+from diffv2.model.ffn import SwiGLU
 from diffv2.config import ModelConfig
 from diffv2.model.loss import linear_cross_entropy
 from diffv2.model.moe import MoE
@@ -24,17 +24,6 @@ from diffv2.model.recompute import checkpoint_contexts
 
 if TYPE_CHECKING:
     from diffv2.model.kv_cache import KVCache
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x_BNM: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_BNM)) * self.up_proj(x_BNM))
 
 
 class Block(nn.Module):
@@ -91,7 +80,6 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue  # a meta-device build draws nothing now; `materialize` draws later, in this same order
-            name = name.replace("_checkpoint_wrapped_module.", "")
             if p.ndim < 2:
                 if name.endswith(("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")):
                     init = lambda t: nn.init.normal_(t, std=0.1, generator=generator)  # noqa: E731 - DIFF V1 (spec §3)
@@ -146,7 +134,9 @@ class Transformer(nn.Module):
 
     def set_activation_checkpointing(self, mode: str, every: int = 2) -> None:
         """none | full (every block) | selective (blocks 0, every, 2*every, ...): those blocks keep only their
-        input during training and recompute the rest in backward (torch.utils.checkpoint, non-reentrant)."""
+        input during training and recompute the rest in backward (torch.utils.checkpoint, non-reentrant). Set from
+        outside, in parallelize's order (diffv2/parallel/parallelize.py); `hidden` runs it around the (possibly
+        compiled, FSDP2-wrapped) block call."""
         n = len(self.blocks)
         self.checkpointed = frozenset({"none": [], "full": range(n), "selective": range(0, n, every)}[mode])
 
@@ -198,7 +188,3 @@ class Transformer(nn.Module):
             loss = loss + moe.router_loss
         return loss, ce, z
 
-
-def with_attention(cfg: ModelConfig, **overrides) -> ModelConfig:
-    """A copy of cfg with attention fields replaced (tests and benchmarks build several arms from one config)."""
-    return replace(cfg, attention=replace(cfg.attention, **overrides))

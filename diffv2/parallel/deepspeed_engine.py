@@ -28,14 +28,14 @@ state are not `optimizer.state` of model parameters, so trainer.nonfinite=skip c
 falls back to detection / stop (DeepSpeed's own skip above still keeps a NaN gradient out of the weights).
 Tensor parallelism (config validation refuses parallel.tp > 1).
 
-ZeRO-3 keeps only partitions in `param.data` outside the forward of the module owning a parameter: code that reads
-weights directly (parameter norms, attention-probe pre-hooks) runs inside `engine.gathered_params()`. Monitors read
-gradients through `named_grads`: this rank's reduced partition of every parameter at every stage.
+ZeRO-3 keeps only partitions in `param.data` outside the forward of the module owning a parameter, so
+`params_readable` is False there and the trainer turns off what reads weights directly (parameter norms, the
+attention probes). Monitors read gradients through `named_grads`: this rank's reduced partition of every parameter
+at every stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -50,6 +50,7 @@ from diffv2.optim import build_optimizer, param_groups
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.engine import Engine, tensor_bytes
 from diffv2.parallel.norms import ShardedLocal
+from diffv2.parallel.parallelize import wants_bf16
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +58,14 @@ TAG = "deepspeed"  # fixed checkpoint tag: `load` names it, so DeepSpeed's 'late
 META = "deepspeed_engine.json"  # world size and stage of a checkpoint, beside DeepSpeed's files
 
 
-def wants_bf16(cfg, device_type: Optional[str] = None) -> bool:
-    """The trainer's precision rule: bf16 when asked, or `auto` on a GPU."""
-    t = cfg.trainer
-    if device_type is None:
-        device_type = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
-    return t.precision == "bf16" or (t.precision == "auto" and device_type == "cuda")
-
-
 def deepspeed_config(cfg, world_size: int, device_type: Optional[str] = None) -> dict:
     """The DeepSpeed JSON for this run: generated from cfg, or cfg.parallel.deepspeed.config_file checked against
     our batch sizes (missing batch keys are filled in; an `optimizer` or `scheduler` section is refused because
     our AdamW and lr schedule drive training)."""
     t, ds = cfg.trainer, cfg.parallel.deepspeed
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ValueError(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x "
-                         f"ranks = {t.micro_batch_size} x {world_size}; change one of them")
     batch = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
-             "gradient_accumulation_steps": t.global_batch_size // per_step,
+             "gradient_accumulation_steps": pdist.accumulation_steps(t.global_batch_size, t.micro_batch_size,
+                                                                     world_size),
              "train_batch_size": t.global_batch_size}
     if ds.config_file:
         return _from_file(Path(ds.config_file), batch, cfg)
@@ -212,18 +202,6 @@ class DeepSpeedEngine(Engine):
                 grad = _local_fragment(p)
             if grad is not None and grad.numel():
                 yield name, ShardedLocal(grad)
-
-    def gathered_params(self):
-        """A context in which every parameter holds its full value (ZeRO-3 keeps only partitions outside the
-        forward of the module that owns them), for code that reads weights directly: parameter norms, and the
-        attention probes, whose pre-hooks read q/k/v weights before those modules run (DeepSpeed partitions a
-        parameter again after its module's forward, even inside this context). Costs the full model's parameter
-        memory while open; a no-op below ZeRO-3."""
-        if self.stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def state_bytes(self) -> int:

@@ -94,6 +94,19 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int,
+                       tp: Optional[int] = None) -> int:
+    """Micro-batches per rank in one optimizer step: global batch / (micro-batch x data-parallel ranks). With `tp`,
+    world_size / tp ranks are data-parallel (and the error says so); without, every rank is."""
+    dp = world_size // (tp or 1)
+    if global_batch_size % (micro_batch_size * dp):
+        ranks = (f"data-parallel ranks = {micro_batch_size} x {dp} (world size {world_size} / tp {tp})" if tp
+                 else f"ranks = {micro_batch_size} x {world_size}")
+        raise ValueError(f"trainer.global_batch_size={global_batch_size} is not a multiple of micro_batch_size x "
+                         f"{ranks}; change one of them")
+    return global_batch_size // (micro_batch_size * dp)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

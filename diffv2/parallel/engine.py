@@ -1,6 +1,7 @@
 """Distributed engines behind one small interface: the training loop calls only what `Engine` defines.
 
-    engine = build_engine(cfg, model, device)        # diffv2.parallel.build: wraps the model, builds the optimizer
+    engine = build_engine(cfg, model, device)        # diffv2.parallel.build: parallelizes the model (parallelize.py),
+                                                      # builds the optimizer, picks the engine
     loss = engine.model.loss(x, y, doc_ids)[0]        # the wrapped model keeps Transformer's methods
     engine.backward(loss / accum, last_micro)         # gradient accumulation: sync on the last micro-batch
     grad_norm = engine.optimizer_step(max_norm)       # clip + step; the global pre-clip norm, a device scalar
@@ -8,12 +9,11 @@
     engine.save(directory) / engine.load(directory)   # collective; model + optimizer shards (checkpoint.py adds
                                                       # the manifest, the atomic rename and the trainer state)
 
-`fsdp` (this module): PyTorch FSDP2 `fully_shard` per block and at the root. `parallel.data_parallel` picks the
-layout of the data-parallel ranks on the device mesh: `shard` (one group, ZeRO-3-like), `hybrid` (HSDP: shard
-inside groups of `parallel.shard_group_size`, replicate across them) and `replicate` (DDP semantics: a mesh whose
-shard dimension has size 1). Tensor parallelism (`parallel.tp`) takes the innermost mesh dimension; its plans are
-in diffv2/parallel/tensor.py. Checkpoints are DCP: every rank writes its own shards, and a checkpoint loads onto
-any number of ranks (DCP reshards model and optimizer). `deepspeed`: diffv2/parallel/deepspeed_engine.py.
+`fsdp` (this module): the step and checkpoints of a model that diffv2/parallel/parallelize.py has sharded with
+FSDP2 (`fully_shard` per block and at the root, over the data-parallel layout `parallel.data_parallel` picks:
+`shard`, `hybrid` = HSDP, `replicate` = DDP semantics), after tensor and expert parallelism. Checkpoints are DCP:
+every rank writes its own shards, and a checkpoint loads onto any number of ranks (DCP reshards model and
+optimizer). `deepspeed`: diffv2/parallel/deepspeed_engine.py.
 
 One process with tp=1 wraps nothing: the engine is then the plain single-device loop, bit for bit.
 """
@@ -31,7 +31,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from diffv2 import safe_load
-from diffv2.parallel import dist as pdist
 from diffv2.parallel.norms import DisjointMeshes, clip_grad_norm
 
 log = logging.getLogger(__name__)
@@ -141,61 +140,15 @@ class Engine:
 class FSDPEngine(Engine):
     name = "fsdp"
 
-    def __init__(self, model: nn.Module, optimizer_builder, cfg, device: torch.device, param_dtype,
-                 materialize: bool = False):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-        p = cfg.parallel
-        world = pdist.world_size()
-        dp = world // p.tp
-        replicate, shard = _dp_layout(p.data_parallel, dp, p.shard_group_size)
-        mesh = init_device_mesh(device.type, (replicate, shard, p.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-        self.mesh = mesh
-        if p.tp > 1:
-            from diffv2.parallel.tensor import apply_tensor_parallel
-
-            apply_tensor_parallel(model, mesh["tp"])
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if replicate > 1 else mesh["dp_shard"]  # 2-D = HSDP
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout):
+        """`model` as `parallelize` left it (TP / EP applied, FSDP2-sharded); `layout`: what it returned."""
+        super().__init__(model, optimizer, layout.dp_rank, layout.dp_size, disjoint=layout.disjoint)
+        self.mesh = layout.mesh
         # Under expert parallelism each ep rank's experts are different tensors under the same names: checkpoints
         # keep them apart by name (".ep<rank>of<ep>"), so an EP checkpoint resumes with the same parallel.ep.
-        self.ep_suffix = ""
-        disjoint = DisjointMeshes()
-        if p.ep > 1:
-            ep_rank = self._shard_experts(model, device, dp, p, policy, disjoint)
-            self.ep_suffix = f".ep{ep_rank}of{p.ep}"
-        for block in model.blocks:
-            fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
-        fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
-        for method in ("loss", "hidden"):
-            register_fsdp_forward_method(model, method)
-        if materialize:
-            model.materialize(device, cfg.parallel.meta_init_draw, cfg.seed)
-        # Mesh ranks are row-major over (dp_replicate, dp_shard, tp): the ranks of one TP group read the same data.
-        super().__init__(model, optimizer_builder(model), pdist.rank() // p.tp, dp, disjoint=disjoint)
-        self.layout = f"{p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}"
+        self.ep_suffix = layout.ep_suffix
+        self.layout = layout.text
         self._pending = None
-
-    @staticmethod
-    def _shard_experts(model: nn.Module, device: torch.device, dp: int, p, policy, disjoint: DisjointMeshes) -> int:
-        """Expert parallelism composed with FSDP2 (torchtitan's dp_mod_ep): the dp ranks form (dp/ep, ep); each of
-        the ep ranks of a group holds E/ep experts (tokens reach them by all-to-all, diffv2/parallel/expert.py), and
-        the dp/ep ranks holding the same experts FSDP-shard them. Every other parameter is sharded over all dp ranks.
-        An expert's gradient sums the losses of its ep group, so its reduction divides by dp, not dp/ep."""
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        from diffv2.parallel.expert import apply_expert_parallel
-
-        ep_mesh = init_device_mesh(device.type, (dp // p.ep, p.ep), mesh_dim_names=("dp_mod_ep", "ep"))
-        apply_expert_parallel(model, ep_mesh["ep"].get_group())
-        experts_mesh = ep_mesh["dp_mod_ep"]
-        for moe in model.moe_layers():
-            fully_shard(moe.experts, mesh=experts_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
-            moe.experts.set_gradient_divide_factor(float(dp))
-        disjoint.mark(experts_mesh, p.ep)  # grad norms: the ep ranks outside this mesh hold other experts
-        return ep_mesh["ep"].get_local_rank()
 
     def _state(self) -> dict:
         state = super()._state()
@@ -217,7 +170,7 @@ class FSDPEngine(Engine):
             pending.result()
 
     def describe(self) -> str:
-        return f"FSDP2 {self.layout}, {pdist.world_size()} ranks"
+        return self.layout
 
 
 def _rename_experts(state: dict, suffix: str, to_file: bool) -> dict:
@@ -232,16 +185,3 @@ def _rename_experts(state: dict, suffix: str, to_file: bool) -> dict:
     optim["state"] = {name(k): v for k, v in optim["state"].items()}
     optim["param_groups"] = [{**g, "params": [name(k) for k in g["params"]]} for g in optim["param_groups"]]
     return {"model": {name(k): v for k, v in state["model"].items()}, "optim": optim}
-
-
-def _dp_layout(mode: str, dp: int, group: int) -> tuple[int, int]:
-    """(replicate, shard) sizes of the data-parallel mesh."""
-    if mode == "shard":
-        return 1, dp
-    if mode == "replicate":
-        return dp, 1
-    group = group or torch.cuda.device_count() or 1  # hybrid: shard inside a node by default
-    if dp % group:
-        raise ValueError(f"parallel.shard_group_size={group} does not divide the {dp} data-parallel ranks; set "
-                         f"parallel.shard_group_size to a divisor (usually the GPUs per node)")
-    return dp // group, group

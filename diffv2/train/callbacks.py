@@ -40,7 +40,6 @@ class TrainContext:
     # param.grad (DeepSpeed ZeRO partitions) supplies its local shards here (see diffv2/parallel/norms.py).
     named_grads: Optional[Callable[[], Iterable[tuple[str, torch.Tensor]]]] = None
     disjoint: Optional[DisjointMeshes] = None  # the engine's expert-parallel meshes (diffv2/parallel/norms.py)
-    extra: dict = field(default_factory=dict)
     observers: ObserverHub = field(init=False)
     probe: Optional[ProbeBatch] = field(init=False)
 

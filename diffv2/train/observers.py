@@ -53,11 +53,6 @@ class ObserverHub:
         """Some monitor watches a slot now (O(1): no walk over the modules)."""
         return bool(self._attention or self._blocks)
 
-    @property
-    def installed(self) -> bool:
-        return any(m.observer is not None for m in self.attention_modules) or any(
-            m.block_observer is not None for m in self.block_owners)
-
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Empty slots for a forward that must not be observed (the probe pass)."""

@@ -190,9 +190,9 @@ class PreemptionCallback(Callback):
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
+    from diffv2.parallel import dist as pdist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return pdist.world_size() > 1
 
 
 def _rank() -> int:

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from diffv2.parallel import dist as pdist
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
@@ -30,7 +32,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def agree(skip: torch.Tensor) -> torch.Tensor:
     """The 0-d bool flag, true on every rank if it is true on any (an asynchronous all-reduce, no host wait)."""
     flag = skip.to(torch.int32)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if pdist.world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.bool()
 

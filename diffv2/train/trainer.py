@@ -39,6 +39,7 @@ from diffv2.train.nonfinite import NonFiniteGuard
 from diffv2.optim import lr_at
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.build import build_engine
+from diffv2.parallel.parallelize import wants_bf16
 from diffv2.train.preempt import PreemptionCallback, SignalLatch, ignore_stop_signals, signals_blocked
 from diffv2.train.profiling import ProfilerCallback
 from diffv2.train.record import write_record
@@ -92,8 +93,7 @@ class Trainer:
             logging.getLogger().setLevel(logging.WARNING)
         self.dp_size = self.env.world_size // cfg.parallel.tp
         self.dp_rank = self.env.rank // cfg.parallel.tp  # mesh order (dp_replicate, dp_shard, tp): tp innermost
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and want_cuda)
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.autocast_dtype = torch.bfloat16 if wants_bf16(cfg, "cuda" if want_cuda else "cpu") else None
         self.backend = resolve_backend(cfg.model.attention.backend, self.device, cfg.model.attention.doc_mask,
                                        self.autocast_dtype or torch.float32)
         if t.bf16_weights and self.autocast_dtype is None:
@@ -359,8 +359,8 @@ class Trainer:
                       t.global_batch_size * cfg.data.seq_len)
 
     def _engine(self) -> tuple[Any, float]:
-        """The model, built on this device (or on meta, sharded and materialised by the engine), wrapped; and its
-        training FLOPs per token."""
+        """The single-device model, built on this device (or on meta, materialised once sharded), parallelized and
+        wrapped by its engine; and its training FLOPs per token."""
         cfg, t = self.cfg, self.cfg.trainer
         if cfg.parallel.meta_init:  # no memory until the engine has sharded it (then model.materialize)
             with torch.device("meta"):
@@ -372,10 +372,8 @@ class Trainer:
 
             load_initial_weights(model, t.init_from)
             log.info("initial weights from %s", t.init_from)
-        model.set_activation_checkpointing(cfg.parallel.activation_checkpoint, cfg.parallel.ac_every)
-        if t.compile:
-            for block in model.blocks:
-                block.compile()
+        # Parallelism, activation checkpointing and compile are applied to it from outside, in one place
+        # (diffv2/parallel/parallelize.py, called by build_engine).
         engine = build_engine(cfg, model, self.device, self.autocast_dtype, materialize=cfg.parallel.meta_init)
         counts = count(unwrapped(engine.model).cfg, cfg.data.seq_len)
         log.info("model %s/%s: %s | attention backend %s | %s", cfg.model.name, cfg.model.attention.variant,

@@ -3,7 +3,9 @@ before loading data or building the model into one ValueError line that names th
 
 train.py runs it before anything else, and launch/ runs it for the job's task count before submitting; the schema it
 checks lives in diffv2/config.py, the head-count and tensor-parallel rules it shares with the model in
-diffv2/model/heads.py and diffv2/parallel/tensor.py.
+diffv2/model/heads.py and diffv2/parallel/tensor.py, the batch rule it shares with DeepSpeed's JSON in
+diffv2/parallel/dist.py (`accumulation_steps`); the grad-norm monitor checks its update sample here
+(`validate_update_sample`).
 """
 
 from __future__ import annotations
@@ -76,13 +78,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"lower data.seq_len or raise model.max_seq_len"
         )
     validate_parallel(cfg, world_size)
+    from diffv2.parallel.dist import accumulation_steps  # local: dist imports torch, this module does not
+
+    accumulation_steps(t.global_batch_size, t.micro_batch_size, world_size, cfg.parallel.tp)
     dp = world_size // cfg.parallel.tp
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ValueError(
-            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x data-parallel "
-            f"ranks = {t.micro_batch_size} x {dp} (world size {world_size} / tp {cfg.parallel.tp}); change one of them"
-        )
     if (t.eval_batches * t.micro_batch_size) % dp:
         raise ValueError(
             f"validation reads trainer.eval_batches x micro_batch_size = {t.eval_batches} x {t.micro_batch_size} "
@@ -171,13 +170,20 @@ def validate_moe(m: ModelConfig) -> None:
                          "set model.param_match=false with model.moe.n_experts > 0")
 
 
+def validate_update_sample(k: int) -> None:
+    """The grad-norm monitor's update sample (monitoring/grad_norms.py): every k-th element, k >= 1."""
+    if k < 1:
+        raise ValueError(f"monitoring.grad_norms.update_sample={k} must be >= 1 (1 = exact, a full parameter copy; "
+                         f"k keeps every k-th element of large tensors)")
+
+
 def validate_monitoring(mon: MonitoringConfig) -> None:
     _positive("monitoring.probe_sequences", mon.probe_sequences)
     for name in ("grad_norms", "activations", "attention_logits", "context_rms", "lambdas", "attention_sinks",
                  "spikes", "moe"):
         _positive(f"monitoring.{name}.interval", getattr(mon, name).interval)
     _positive("monitoring.perf.interval", mon.perf.interval, allow_zero=True)
-    _positive("monitoring.grad_norms.update_sample", mon.grad_norms.update_sample)
+    validate_update_sample(mon.grad_norms.update_sample)
     for name in ("context_rms", "lambdas"):
         sub = getattr(mon, name)
         if sub.heatmap_interval <= 0 or sub.heatmap_interval % sub.interval:

@@ -1,0 +1,139 @@
+"""Parallelism applied to the single-device model from outside, in one place and one order (torchtitan's
+`parallelize_llama`):
+
+    1. tensor parallelism  (parallel.tp > 1: diffv2/parallel/tensor.py, on the mesh's innermost "tp" dimension)
+    2. expert parallelism  (parallel.ep > 1: diffv2/parallel/expert.py, over (dp_mod_ep, ep) of the dp ranks)
+    3. activation checkpointing  (parallel.activation_checkpoint: none | full | selective every ac_every blocks)
+    4. compile             (trainer.compile: every block; compilation itself happens lazily at the first call)
+    5. FSDP2               (fully_shard each MoE layer's experts on their own mesh, each block, then the root)
+    6. materialise         (parallel.meta_init: allocate and draw the weights after sharding, before the optimizer)
+
+`parallelize(model, cfg, device, param_dtype)` returns the `Layout` the engine needs (the mesh, this rank's data
+shard, the expert-parallel meshes for sharded gradient norms, the checkpoint suffix of expert shards). One process
+with tp=1 gets steps 3 and 4 only: the plain single-device loop, bit for bit. DeepSpeed (parallel.engine=deepspeed)
+gets steps 3 and 4 too and does its own data-parallel wrapping at `deepspeed.initialize`.
+
+Why this order: TP and EP replace parameters (DTensors, expert slices), so they come before FSDP2 shards what is
+left; activation checkpointing and compile act on the blocks FSDP2 then wraps (FSDP2's hooks stay outside the
+checkpointed, compiled block, so a recomputation re-gathers the block's parameters through those hooks). FSDP2 wraps
+every block before the root, so the root's parameters (embedding, final norm, lm_head) form the last group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffv2.parallel import dist as pdist
+from diffv2.parallel.norms import DisjointMeshes
+
+
+@dataclass
+class Layout:
+    """Where this rank sits once the model is parallelised (what the engines and the loop need to know)."""
+
+    dp_rank: int = 0  # this rank's data shard: ranks of one TP group read the same data
+    dp_size: int = 1  # how many data shards there are
+    mesh: Optional[object] = None  # the (dp_replicate, dp_shard, tp) DeviceMesh; None on one device / DeepSpeed
+    disjoint: DisjointMeshes = field(default_factory=DisjointMeshes)  # meshes whose outside ranks hold other values
+    ep_suffix: str = ""  # ".ep<rank>of<ep>": expert parameters' names in checkpoints under expert parallelism
+    text: str = "single device"  # for the start-up line
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh is not None
+
+
+def wants_bf16(cfg, device_type: Optional[str] = None) -> bool:
+    """The precision rule, for every engine and the loop: bf16 autocast when trainer.precision=bf16, or `auto` on a
+    GPU; `device_type` defaults to the device trainer.device picks."""
+    t = cfg.trainer
+    if device_type is None:
+        device_type = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+    return t.precision == "bf16" or (t.precision == "auto" and device_type == "cuda")
+
+
+def uses_fsdp(cfg) -> bool:
+    """FSDP2 (with TP / EP) wraps the model: several processes, or tensor parallelism, with engine=fsdp."""
+    return cfg.parallel.engine != "deepspeed" and (pdist.world_size() > 1 or cfg.parallel.tp > 1)
+
+
+def parallelize(model: nn.Module, cfg, device: torch.device, param_dtype: Optional[torch.dtype] = None,
+                materialize: bool = False) -> Layout:
+    """Apply cfg.parallel (and trainer.compile) to `model` in place, in the order of the module docstring.
+    `param_dtype`: the compute dtype FSDP2 casts parameters to (bf16 when training in bf16, else None = fp32).
+    `materialize`: the model was built on the meta device; it is allocated and drawn after sharding."""
+    p = cfg.parallel
+    layout = Layout()
+    ep_mesh = None
+    if uses_fsdp(cfg):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dp = pdist.world_size() // p.tp
+        replicate, shard = dp_layout(p.data_parallel, dp, p.shard_group_size)
+        mesh = init_device_mesh(device.type, (replicate, shard, p.tp),
+                                mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        # Mesh ranks are row-major over (dp_replicate, dp_shard, tp): the ranks of one TP group read the same data.
+        layout = Layout(pdist.rank() // p.tp, dp, mesh,
+                        text=f"FSDP2 {p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}, "
+                             f"{pdist.world_size()} ranks")
+        if p.tp > 1:  # 1. tensor parallelism
+            from diffv2.parallel.tensor import apply_tensor_parallel
+
+            apply_tensor_parallel(model, mesh["tp"])
+        if p.ep > 1:  # 2. expert parallelism
+            from diffv2.parallel.expert import apply_expert_parallel
+
+            ep_mesh = init_device_mesh(device.type, (dp // p.ep, p.ep), mesh_dim_names=("dp_mod_ep", "ep"))
+            apply_expert_parallel(model, ep_mesh["ep"].get_group())
+            layout.ep_suffix = f".ep{ep_mesh['ep'].get_local_rank()}of{p.ep}"
+    model.set_activation_checkpointing(p.activation_checkpoint, p.ac_every)  # 3. activation checkpointing
+    if cfg.trainer.compile:  # 4. compile
+        for block in model.blocks:
+            block.compile()
+    if layout.sharded:  # 5. FSDP2
+        _fully_shard(model, layout, ep_mesh, p, param_dtype)
+    if materialize:  # 6. a meta-device build gets its memory and weights now, sharded
+        model.materialize(device, p.meta_init_draw, cfg.seed)
+    return layout
+
+
+def _fully_shard(model: nn.Module, layout: Layout, ep_mesh, p, param_dtype) -> None:
+    """FSDP2 over the data-parallel ranks (HSDP when the mesh replicates too). Under expert parallelism
+    (torchtitan's dp_mod_ep): the dp ranks form (dp/ep, ep); each of the ep ranks of a group holds E/ep experts, and
+    the dp/ep ranks holding the same experts FSDP-shard them. Every other parameter is sharded over all dp ranks. An
+    expert's gradient sums the losses of its ep group, so its reduction divides by dp, not dp/ep."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = layout.mesh
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]  # 2-D = HSDP
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if ep_mesh is not None:
+        experts_mesh = ep_mesh["dp_mod_ep"]
+        for moe in model.moe_layers():
+            fully_shard(moe.experts, mesh=experts_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
+            moe.experts.set_gradient_divide_factor(float(layout.dp_size))
+        layout.disjoint.mark(experts_mesh, p.ep)  # grad norms: the ep ranks outside this mesh hold other experts
+    for block in model.blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    for method in ("loss", "hidden"):
+        register_fsdp_forward_method(model, method)
+
+
+def dp_layout(mode: str, dp: int, group: int) -> tuple[int, int]:
+    """(replicate, shard) sizes of the data-parallel mesh for parallel.data_parallel=`mode`: shard (one group,
+    ZeRO-3-like), replicate (DDP semantics: shard size 1), hybrid (HSDP: shard inside groups of `group` ranks,
+    parallel.shard_group_size, default the GPUs per node, and replicate across them)."""
+    if mode == "shard":
+        return 1, dp
+    if mode == "replicate":
+        return dp, 1
+    group = group or torch.cuda.device_count() or 1  # hybrid: shard inside a node by default
+    if dp % group:
+        raise ValueError(f"parallel.shard_group_size={group} does not divide the {dp} data-parallel ranks; set "
+                         f"parallel.shard_group_size to a divisor (usually the GPUs per node)")
+    return dp // group, group
