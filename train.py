@@ -37,10 +37,11 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from diffv2.config import Config, register_configs, run_name_problem, unknown_keys  # noqa: E402
 from diffv2.train.validate import validate  # noqa: E402
+from monitoring.build import schema  # noqa: E402 - each monitor's config keys (monitoring/<name>.py)
 
 # megatron-core announces at import that optional NVIDIA extensions are absent; nothing here uses them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-register_configs()
+CONFIG = register_configs(monitoring=schema())  # the Config class a composed config becomes
 log = logging.getLogger("train")
 logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builder logs every index step
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -168,9 +169,10 @@ def compose_error(overrides: list[str]) -> Optional[str]:
         message = "; ".join(ln for ln in lines if not ln.startswith(HYDRA_BOILERPLATE))
         key = getattr(e.__cause__ or e, "full_key", None)
         return message if not key or key in message else f"{key}: {message}"
-    if unknown := unknown_keys(composed, Config):
-        return (f"unknown config key {unknown[0]} (from an override with '+'; the schema in diffv2/config.py has no "
-                f"such key): check its spelling, `python train.py --cfg job` lists every key")
+    if unknown := unknown_keys(composed, CONFIG):
+        return (f"unknown config key {unknown[0]} (from an override with '+'; the schema in diffv2/config.py and the "
+                f"monitors' in monitoring/ have no such key): check its spelling, `python train.py --cfg job` lists "
+                f"every key")
     return run_name_problem(composed["run_name"])
 
 

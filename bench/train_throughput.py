@@ -63,9 +63,9 @@ def run_arm(args, arm: str, run_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     from diffv2.config import register_configs
     from diffv2.train.trainer import Trainer
     from diffv2.train.validate import validate
-    from monitoring.build import instrumentation
+    from monitoring.build import instrumentation, schema
 
-    register_configs()
+    register_configs(monitoring=schema())
     profile = [f"trainer.profile_start={args.steps + 1}", "trainer.profile_steps=2"] if args.profile else []
     overrides = [
         f"model={args.preset}", f"attention={arm}", f"data.seq_len={args.seq}", f"model.max_seq_len={args.seq}",

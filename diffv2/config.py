@@ -1,7 +1,9 @@
 """The config schema: every key, its type, default and one-line doc. YAML under configs/ only picks values.
 
-Registered with Hydra's ConfigStore by `register_configs()`; `diffv2.train.validate.validate(cfg)` turns every user mistake
-we can see before start-up into one ValueError line that names the key, the value and the fix.
+Registered with Hydra's ConfigStore by `register_configs(monitoring=...)`; `diffv2.train.validate.validate(cfg)` turns
+every user mistake we can see before start-up into one ValueError line that names the key, the value and the fix.
+Each monitor's own keys (monitoring.grad_norms.*, monitoring.spikes.*, ...) are declared beside the monitor in
+monitoring/<name>.py (monitoring/spec.py); train.py registers them with `monitoring.build.schema()`.
 """
 
 from __future__ import annotations
@@ -174,73 +176,6 @@ class LoggingConfig:
 
 
 @dataclass
-class GradNormMonitorConfig:
-    enabled: bool = True  # grad/: pre/post-clip global norm, clip coefficient, norms per layer and per module kind
-    interval: int = 10  # steps between measurements
-    param_norms: bool = True  # also parameter norms and update/parameter ratio per layer
-    # update norm of tensors >= 2^20 local elements from every k-th element (a transient copy of 1/k of them);
-    # 1 = exact, a transient copy of all parameters at every reading
-    update_sample: int = 16
-
-
-@dataclass
-class ActivationMonitorConfig:
-    enabled: bool = True  # act/: residual-stream max|h|, top-k, kurtosis, share of |x| > 6 std at each block output
-    interval: int = 100  # steps between measurements (computed in the training forward of that step)
-    top_k: int = 3  # largest |h| values logged per layer (V1 paper reports top-1/2/3, spec §7.5)
-
-
-@dataclass
-class AttentionLogitMonitorConfig:
-    enabled: bool = True  # attn/logit_max_abs: max |q.k/sqrt(d)| per layer over all query heads on the probe batch
-    interval: int = 200  # steps between probe passes
-
-
-@dataclass
-class ContextRMSMonitorConfig:
-    enabled: bool = True  # attn/context_rms*: per-head RMS of the context before o_proj (spec §6)
-    interval: int = 100  # steps between per-layer mean/min/max over heads
-    heatmap_interval: int = 500  # steps between full layer x head matrices (a multiple of interval)
-
-
-@dataclass
-class LambdaMonitorConfig:
-    enabled: bool = True  # attn/lambda_*: sigmoid(lambda) mean/p5/p50/p95 per layer (DIFF V2), lambda (DIFF V1)
-    interval: int = 100  # steps between measurements
-    heatmap_interval: int = 500  # steps between layer x head matrices of the per-head mean (a multiple of interval)
-
-
-@dataclass
-class AttentionSinkMonitorConfig:
-    enabled: bool = True  # attn/sink_mass*, attn/entropy*: first-token attention mass and entropy per head (probe)
-    interval: int = 200  # steps between probe passes
-
-
-@dataclass
-class SpikeMonitorConfig:
-    enabled: bool = True  # spike/: loss and grad-norm spike detection, spike score, spikes.jsonl event log
-    interval: int = 10  # steps between host reads: detection over the recorded steps, events, metrics, stop
-    k: float = 6.0  # a value is a spike when it exceeds mean + k * std of the window
-    window: int = 128  # past values in the rolling mean and std
-    warmup_steps: int = 64  # steps observed before any value can be flagged
-    score_window: int = 1000  # steps over which spike/score is the share of spike steps
-    skip_step: bool = False  # action: undo the optimizer step of a spike step (params and optimizer state restored)
-    stop: bool = False  # action: save a checkpoint and stop at the first host read after a spike
-
-
-@dataclass
-class MoEMonitorConfig:
-    enabled: bool = True  # moe/: tokens per expert, imbalance max/mean, aux and z loss, dead experts (if MoE layers)
-    interval: int = 10  # steps between reads of the layers' moe_stats
-
-
-@dataclass
-class PerfMonitorConfig:
-    enabled: bool = True  # perf/: tokens/s, step time, data-loading share, MFU and memory (GPU), elapsed time
-    interval: int = 0  # steps per throughput window (0 = trainer.log_interval)
-
-
-@dataclass
 class MonitoringConfig:
     enabled: bool = True  # health monitors (all but perf): false builds none and installs no observer (zero cost)
     # Every monitor also reads at the run's last step (trainer.max_steps), so each run ends with a full record.
@@ -248,15 +183,8 @@ class MonitoringConfig:
     # micro-batches per rank whose training forward an observed step observes (activations, context RMS, lambda):
     # the first k; 0 = all. The others run the unobserved graph (statistics from 1/accum of the step's tokens)
     observed_micro_batches: int = 1
-    grad_norms: GradNormMonitorConfig = field(default_factory=GradNormMonitorConfig)
-    activations: ActivationMonitorConfig = field(default_factory=ActivationMonitorConfig)
-    attention_logits: AttentionLogitMonitorConfig = field(default_factory=AttentionLogitMonitorConfig)
-    context_rms: ContextRMSMonitorConfig = field(default_factory=ContextRMSMonitorConfig)
-    lambdas: LambdaMonitorConfig = field(default_factory=LambdaMonitorConfig)
-    attention_sinks: AttentionSinkMonitorConfig = field(default_factory=AttentionSinkMonitorConfig)
-    spikes: SpikeMonitorConfig = field(default_factory=SpikeMonitorConfig)
-    moe: MoEMonitorConfig = field(default_factory=MoEMonitorConfig)
-    perf: PerfMonitorConfig = field(default_factory=PerfMonitorConfig)
+    # One sub-config per monitor (monitoring.grad_norms, .spikes, ...): each monitor module in monitoring/ declares
+    # its own (monitoring/spec.py); monitoring/build.py adds them to this schema (register_configs(monitoring=...)).
 
 
 @dataclass
@@ -272,11 +200,18 @@ class Config:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
-def register_configs() -> None:
+def register_configs(monitoring: type = MonitoringConfig) -> type:
+    """Register the schema with Hydra's ConfigStore and return the Config class it composes into. `monitoring`: the
+    MonitoringConfig subclass with one field per monitor (monitoring.build.schema(); the core knows no monitor)."""
+    from dataclasses import make_dataclass
+
     from hydra.core.config_store import ConfigStore
 
+    config = Config if monitoring is MonitoringConfig else make_dataclass(
+        "Config", [("monitoring", monitoring, field(default_factory=monitoring))], bases=(Config,),
+        namespace={"__module__": monitoring.__module__, "__doc__": Config.__doc__})
     cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
+    cs.store(name="schema", node=config)
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="attention", name="schema", node=AttentionConfig, package="model.attention")
     cs.store(group="data", name="schema", node=DataConfig)
@@ -284,7 +219,8 @@ def register_configs() -> None:
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="parallel", name="schema", node=ParallelConfig)
     cs.store(group="logging", name="schema", node=LoggingConfig)
-    cs.store(group="monitoring", name="schema", node=MonitoringConfig)
+    cs.store(group="monitoring", name="schema", node=monitoring)
+    return config
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")

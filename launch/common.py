@@ -56,8 +56,9 @@ def check_config(overrides: list[str], world_size: int):
 
     from diffv2.config import register_configs
     from diffv2.train.validate import validate
+    from monitoring.build import schema
 
-    register_configs()
+    register_configs(monitoring=schema())
     try:
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))

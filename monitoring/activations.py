@@ -13,10 +13,26 @@ Legend: B batch, N sequence, M d_model, K top-k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from diffv2.train.callbacks import Callback, TrainContext, every
 from diffv2.parallel import dist as pdist
+from diffv2.train.callbacks import Callback, TrainContext, every
+from diffv2.train.validate import positive
+from monitoring.spec import MonitorConfig, MonitorSpec
+
+
+@dataclass
+class ActivationMonitorConfig(MonitorConfig):
+    """monitoring.activations: act/: residual-stream max|h|, top-k, kurtosis, share of |x| > 6 std at each block output."""
+
+    interval: int = 100  # steps between measurements (computed in the training forward of that step)
+    top_k: int = 3  # largest |h| values logged per layer (V1 paper reports top-1/2/3, spec §7.5)
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        positive(f"{key}.top_k", self.top_k)
 
 
 def residual_stats(x: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
@@ -99,3 +115,7 @@ def _over_ranks(tops_LK: torch.Tensor, means_L2: torch.Tensor, tp: int = 1) -> t
     means_L2 = means_L2.clone()
     dist.all_reduce(means_L2)
     return tops_LK, means_L2 / world
+
+
+SPEC = MonitorSpec("activations", ActivationMonitorConfig, order=20,
+                  build=lambda c, env: ActivationMonitor(c.interval, c.top_k))

@@ -8,13 +8,22 @@ all heads, i.e. every one of DIFF V2's 2h query heads. Computed through the expl
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
 from monitoring.attention_math import logit_max_abs
+from monitoring.spec import MonitorConfig, MonitorSpec
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionLogitMonitorConfig(MonitorConfig):
+    """monitoring.attention_logits: attn/logit_max_abs: max |q.k/sqrt(d)| per layer over all query heads on the probe batch."""
+
+    interval: int = 200  # steps between probe passes
 
 
 class AttentionLogitMonitor(Callback):
@@ -44,3 +53,7 @@ class AttentionLogitMonitor(Callback):
         metrics = {f"attn/logit_max_abs/L{layer:02d}": v for layer, v in sorted(self._per_layer.items())}
         self._per_layer = {}
         return metrics
+
+
+SPEC = MonitorSpec("attention_logits", AttentionLogitMonitorConfig, order=50,
+                  build=lambda c, env: AttentionLogitMonitor(c.interval))

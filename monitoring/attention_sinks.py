@@ -11,13 +11,22 @@ Per layer the mean and max over heads are logged every interval; the layer x hea
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
 from monitoring.attention_math import sink_and_entropy
+from monitoring.spec import MonitorConfig, MonitorSpec
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionSinkMonitorConfig(MonitorConfig):
+    """monitoring.attention_sinks: attn/sink_mass*, attn/entropy*: first-token attention mass and entropy per head (probe)."""
+
+    interval: int = 200  # steps between probe passes
 
 
 class AttentionSinkMonitor(Callback):
@@ -53,3 +62,7 @@ class AttentionSinkMonitor(Callback):
         metrics.update({f"attn/{key}_heads": torch.stack(rows) for key, rows in matrices.items()})
         self._per_layer = {}
         return metrics
+
+
+SPEC = MonitorSpec("attention_sinks", AttentionSinkMonitorConfig, order=60,
+                  build=lambda c, env: AttentionSinkMonitor(c.interval))

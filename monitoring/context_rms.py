@@ -26,10 +26,27 @@ Legend: B batch, N sequence, H heads, D head_dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from diffv2.train.callbacks import Callback, TrainContext, every
 from monitoring.ranks import over_ranks
+from monitoring.spec import MonitorConfig, MonitorSpec
+
+
+@dataclass
+class ContextRMSMonitorConfig(MonitorConfig):
+    """monitoring.context_rms: attn/context_rms*: per-head RMS of the context before o_proj (spec §6)."""
+
+    interval: int = 100  # steps between per-layer mean/min/max over heads
+    heatmap_interval: int = 500  # steps between full layer x head matrices (a multiple of interval)
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.heatmap_interval <= 0 or self.heatmap_interval % self.interval:
+            raise ValueError(f"{key}.heatmap_interval={self.heatmap_interval} must be a positive multiple of "
+                             f"{key}.interval={self.interval}")
 
 
 def context_rms_H(ctx_BNHD: torch.Tensor) -> torch.Tensor:
@@ -119,3 +136,7 @@ class ContextRMSMonitor(Callback):
             metrics.update({f"attn/{key}_heads": torch.stack(rows) for key, rows in matrices.items()})
         self._sums, self._counts = {}, {}
         return metrics
+
+
+SPEC = MonitorSpec("context_rms", ContextRMSMonitorConfig, order=30,
+                  build=lambda c, env: ContextRMSMonitor(c.interval, c.heatmap_interval))

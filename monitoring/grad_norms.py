@@ -19,13 +19,32 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 
-from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
-from diffv2.train.validate import validate_update_sample
 from diffv2.parallel.norms import bucket_sum_squares, local_piece
+from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
+from monitoring.spec import MonitorConfig, MonitorSpec
+
+
+@dataclass
+class GradNormMonitorConfig(MonitorConfig):
+    """monitoring.grad_norms: grad/: pre/post-clip global norm, clip coefficient, norms per layer and per module kind."""
+
+    interval: int = 10  # steps between measurements
+    param_norms: bool = True  # also parameter norms and update/parameter ratio per layer
+    # update norm of tensors >= 2^20 local elements from every k-th element (a transient copy of 1/k of them);
+    # 1 = exact, a transient copy of all parameters at every reading
+    update_sample: int = 16
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.update_sample < 1:
+            raise ValueError(f"{key}.update_sample={self.update_sample} must be >= 1 (1 = exact, a full parameter "
+                             f"copy; k keeps every k-th element of large tensors)")
+
 
 KINDS = ("q", "k", "v", "o", "lambda", "mlp", "router", "experts", "embed", "norm", "other")
 _LAYER = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -78,7 +97,7 @@ class GradNormMonitor(Callback):
     name = "grad_norms"
 
     def __init__(self, interval: int, param_norms: bool = True, update_sample: int = 16):
-        validate_update_sample(update_sample)
+        GradNormMonitorConfig(interval=interval, update_sample=update_sample).validate("monitoring.grad_norms")
         self.interval, self.param_norms, self.update_sample = interval, param_norms, update_sample
         self._before: Optional[list[tuple[torch.Tensor, float, int]]] = None
         self._metrics: dict = {}
@@ -156,3 +175,8 @@ class GradNormMonitor(Callback):
             metrics[f"grad/param_norm_layer/L{layer:02d}"] = params[i]
             metrics[f"grad/update_ratio_layer/L{layer:02d}"] = updates[i] / params[i]
         return metrics
+
+
+# Parameter norms read the parameters between steps: off when the engine empties them (ZeRO-3).
+SPEC = MonitorSpec("grad_norms", GradNormMonitorConfig, order=10, build=lambda c, env: GradNormMonitor(
+    c.interval, c.param_norms and env.params_readable, c.update_sample))

@@ -24,10 +24,28 @@ Legend: B batch, N sequence, H output heads (this rank's under tensor parallelis
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from diffv2.train.callbacks import Callback, TrainContext, every
 from monitoring.ranks import over_ranks
+from monitoring.spec import MonitorConfig, MonitorSpec
+
+
+@dataclass
+class LambdaMonitorConfig(MonitorConfig):
+    """monitoring.lambdas: attn/lambda_*: sigmoid(lambda) mean/p5/p50/p95 per layer (DIFF V2), lambda (DIFF V1)."""
+
+    interval: int = 100  # steps between measurements
+    heatmap_interval: int = 500  # steps between layer x head matrices of the per-head mean (a multiple of interval)
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.heatmap_interval <= 0 or self.heatmap_interval % self.interval:
+            raise ValueError(f"{key}.heatmap_interval={self.heatmap_interval} must be a positive multiple of "
+                             f"{key}.interval={self.interval}")
+
 
 MAX_SAMPLES = 1 << 16  # sigmoid(lambda) values per layer and step for the quantiles, over all ranks (about)
 QUANTILES = {"p05": 0.05, "p50": 0.5, "p95": 0.95}
@@ -97,3 +115,7 @@ class LambdaMonitor(Callback):
             metrics[f"{self.prefix}_heads"] = torch.stack(heads)
         self._reset()
         return metrics
+
+
+SPEC = MonitorSpec("lambdas", LambdaMonitorConfig, order=40,
+                  build=lambda c, env: LambdaMonitor(c.interval, c.heatmap_interval))

@@ -14,9 +14,19 @@ Legend: E experts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from diffv2.train.callbacks import Callback, TrainContext, every
+from monitoring.spec import MonitorConfig, MonitorSpec
+
+
+@dataclass
+class MoEMonitorConfig(MonitorConfig):
+    """monitoring.moe: moe/: tokens per expert, imbalance max/mean, aux and z loss, dead experts (if MoE layers)."""
+
+    interval: int = 10  # steps between reads of the layers' moe_stats
 
 
 class MoEMonitor(Callback):
@@ -50,3 +60,6 @@ class MoEMonitor(Callback):
             if rows and len({r.numel() for r in rows}) == 1:
                 metrics[key] = torch.stack(rows)  # layer x expert
         return metrics
+
+
+SPEC = MonitorSpec("moe", MoEMonitorConfig, order=70, build=lambda c, env: MoEMonitor(c.interval))

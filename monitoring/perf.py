@@ -11,12 +11,25 @@ process's CPU time over the same span (all threads); bench/ uses both.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
 from diffv2.model.flops import peak_flops
 from diffv2.parallel import dist as pdist
+from diffv2.train.callbacks import Callback, StepResult, TrainContext, every
+from diffv2.train.validate import positive
+from monitoring.spec import MonitorConfig, MonitorSpec
+
+
+@dataclass
+class PerfMonitorConfig(MonitorConfig):
+    """monitoring.perf: perf/: tokens/s, step time, data-loading share, MFU and memory (GPU), elapsed time."""
+
+    interval: int = 0  # steps per throughput window (0 = trainer.log_interval)
+
+    def validate(self, key: str) -> None:
+        positive(f"{key}.interval", self.interval, allow_zero=True)
 
 
 class PerfMonitor(Callback):
@@ -61,3 +74,7 @@ class PerfMonitor(Callback):
             metrics["perf/mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         self._reset()
         return metrics
+
+
+SPEC = MonitorSpec("perf", PerfMonitorConfig, order=100, always=True,
+                  build=lambda c, env: PerfMonitor(c.interval or env.log_interval))

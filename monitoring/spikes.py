@@ -17,6 +17,7 @@ read after a spike.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,31 @@ import torch
 from diffv2.train.callbacks import Callback, StepResult, Table, TrainContext, every
 from diffv2.train.sink import rewind_jsonl
 from diffv2.train.step_undo import StepUndo
+from diffv2.train.validate import positive
+from monitoring.spec import MonitorConfig, MonitorSpec
+
+
+@dataclass
+class SpikeMonitorConfig(MonitorConfig):
+    """monitoring.spikes: spike/: loss and grad-norm spike detection, spike score, spikes.jsonl event log."""
+
+    interval: int = 10  # steps between host reads: detection over the recorded steps, events, metrics, stop
+    k: float = 6.0  # a value is a spike when it exceeds mean + k * std of the window
+    window: int = 128  # past values in the rolling mean and std
+    warmup_steps: int = 64  # steps observed before any value can be flagged
+    score_window: int = 1000  # steps over which spike/score is the share of spike steps
+    skip_step: bool = False  # action: undo the optimizer step of a spike step (params and optimizer state restored)
+    stop: bool = False  # action: save a checkpoint and stop at the first host read after a spike
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        positive(f"{key}.k", self.k)
+        positive(f"{key}.score_window", self.score_window)
+        if self.window < 2:
+            raise ValueError(f"{key}.window={self.window} must be >= 2 (the rolling std needs two values)")
+        if self.warmup_steps < 2:
+            raise ValueError(f"{key}.warmup_steps={self.warmup_steps} must be >= 2 so the window has a std")
+
 
 EVENT_COLUMNS = ["step", "loss", "grad_norm", "loss_z", "grad_norm_z", "signal", "skipped", "sample_indices"]
 
@@ -182,3 +208,7 @@ class SpikeMonitor(Callback):
         self.counts = dict(state["counts"])
         self._pending = [(row.to(self.flags_S.device), *info) for row, *info in state["pending"]]
         self._decide_pending()  # before any new step, whichever mode wrote them
+
+
+SPEC = MonitorSpec("spikes", SpikeMonitorConfig, order=0, build=lambda c, env: SpikeMonitor(
+    c.interval, c.k, c.window, c.warmup_steps, c.score_window, c.skip_step, c.stop))

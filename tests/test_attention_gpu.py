@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 from diffv2.model.attention import Attention  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
+from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
 from diffv2.model.kernels import (  # noqa: E402
     causal_attention, doc_ids_from_tokens, fa4_available, fa4_unavailable, flash_attn_available, resolve_backend,
 )
@@ -381,7 +382,7 @@ def test_fa4_in_a_compiled_transformer_under_full_activation_checkpointing(doc):
     for ac in ("none", "full"):
         torch.manual_seed(1)
         model = Transformer(cfg, "fa4").to(DEV)
-        model.set_activation_checkpointing(ac)
+        apply_activation_checkpointing(model, ac)
         for block in model.blocks:
             block.compile()
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -19,9 +19,8 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from cli_runs import ROOT, error_line, prepare, side_by_side, train, tree_digest
+from cli_runs import ROOT, compose_cfg, error_line, prepare, side_by_side, train, tree_digest
 from diffv2.train.validate import validate
-from test_train import compose_cfg
 
 _spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
 train_entry = importlib.util.module_from_spec(_spec)

@@ -12,6 +12,7 @@ from cli_runs import checkpoint_tensors, differing_tensors, error_line, metrics,
 from diffv2.train.compute_weights import ComputeWeights
 from diffv2.config import AttentionConfig, ModelConfig, MoEConfig
 from diffv2.model.transformer import Transformer
+from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
 
 BF16 = torch.bfloat16
 
@@ -51,7 +52,7 @@ def grads_after(model, batches, weights=None) -> tuple[list[float], dict[str, to
 def test_bf16_weight_copies_give_autocast_losses_and_gradients_bit_for_bit(variant, moe, ac, fused):
     torch.manual_seed(0)
     plain = Transformer(tiny(variant, moe))
-    plain.set_activation_checkpointing(ac)
+    apply_activation_checkpointing(plain, ac)
     swapped = copy.deepcopy(plain)
     weights = ComputeWeights(swapped, BF16, fused_wgrad=fused)
     names = set(weights.names)

@@ -18,28 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from cli_runs import (ENV, HANG_S, ROOT, error_line, metrics, run_watched, side_by_side, train, trajectory,
-                      train_cmd)
-from test_train import SMALL
+from cli_runs import (DIST_STEPS, HANG_S, ROOT, SMALL, error_line, metrics, run_env, run_watched, side_by_side,
+                      train, train_cmd, trajectory)
 from diffv2.train import checkpoint
-
-STEPS = ["trainer.max_steps=6", "trainer.log_interval=1", "trainer.eval_interval=3", "trainer.ckpt_interval=3",
-         "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.eval_batches=2",
-         "monitoring.observed_micro_batches=0"]  # every token observed: layouts compare over the same tokens
+from slurm_stand_ins import calls, stand_ins
 
 
 def torchrun(run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, fault: str = "", fault_rank: int = 0,
              ) -> subprocess.CompletedProcess:
-    cmd = train_cmd(run_dir, cache, *STEPS, *overrides)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK")}
-    if fault:
-        env.update(DIFFV2_FAULT=fault, DIFFV2_FAULT_RANK=str(fault_rank))
-    return run_watched(launcher + cmd[1:], env=env)
+    """`torchrun --standalone --nproc_per_node=nproc train.py` of the DIST_STEPS schedule."""
+    return train(run_dir, cache, *DIST_STEPS, *overrides, nproc=nproc, fault=fault or None, fault_rank=fault_rank)
 
 
 def single(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return train(run_dir, cache, *STEPS, *overrides)
+    return train(run_dir, cache, *DIST_STEPS, *overrides)
 
 
 def assert_same_training(a: Path, b: Path, rel: float = 2e-5, param_norms: bool = True) -> None:
@@ -128,7 +120,7 @@ def test_checkpoints_move_between_world_sizes(reference, tmp_path):
     assert proc.returncode == 0 and "resumed from" in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert_same_training(ref, tmp_path / "a")
 
-    killed = train(tmp_path / "b", cache, *STEPS, fault="step:5")
+    killed = train(tmp_path / "b", cache, *DIST_STEPS, fault="step:5")
     assert killed.returncode != 0
     proc = torchrun(tmp_path / "b", cache, "parallel.async_checkpoint=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,14 +138,11 @@ def test_two_node_c10d_rendezvous(reference, tmp_path):
     """Two torchrun agents (`--nnodes 2`, one process each) meet through a c10d rendezvous on localhost."""
     ref, cache = reference
     port = _free_port()
-    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK")}
-    cmd = train_cmd(tmp_path / "nodes", cache, *STEPS)
 
     def node(rank: int):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                    f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                    "--rdzv_id=nodes-test", "--max_restarts=0"]
-        return lambda: run_watched(launcher + cmd[1:], env=env)
+        launcher = ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=nodes-test", "--max_restarts=0"]
+        return lambda: train(tmp_path / "nodes", cache, *DIST_STEPS, torchrun=launcher)
 
     results = side_by_side(node(0), node(1))
     for proc in results:
@@ -166,12 +155,10 @@ def srun_like(run_dir: Path, cache: Path, *overrides: str, ntasks: int = 2, faul
     """What `srun` does for one node: start every task itself with SLURM's variables (no torchrun agent that would
     tear the job down for us); MASTER_ADDR/PORT as the generated batch script exports them."""
     port = _free_port()
-    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks), SLURM_NNODES="1", SLURM_NTASKS_PER_NODE=str(ntasks),
-               SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if fault:
-        env.update(DIFFV2_FAULT=fault, DIFFV2_FAULT_RANK=str(fault_rank))
-    cmd = train_cmd(run_dir, cache, *STEPS, *overrides)
+    env = run_env(fault or None, dict(SLURM_JOB_ID="4242", SLURM_NTASKS=str(ntasks), SLURM_NNODES="1",
+                                      SLURM_NTASKS_PER_NODE=str(ntasks), SLURM_JOB_NODELIST="localhost",
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), fault_rank=fault_rank)
+    cmd = train_cmd(run_dir, cache, *DIST_STEPS, *overrides)
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ntasks)]
     out = []
@@ -215,10 +202,9 @@ def test_a_lost_rank_ends_the_job_with_an_error_then_it_resumes(reference, tmp_p
 
 def _stalled_job(run_dir: Path, cache: Path, timeout_s: int) -> list[subprocess.CompletedProcess]:
     port = _free_port()
-    env = {k: v for k, v in ENV.items() if k not in ("DIFFV2_FAULT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(SLURM_JOB_ID="4243", SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="2",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DIFFV2_FAULT="stall:5", DIFFV2_FAULT_RANK="1")
-    cmd = train_cmd(run_dir, cache, *STEPS, f"parallel.timeout_s={timeout_s}")
+    env = run_env("stall:5", dict(SLURM_JOB_ID="4243", SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="2",
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), fault_rank=1)
+    cmd = train_cmd(run_dir, cache, *DIST_STEPS, f"parallel.timeout_s={timeout_s}")
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     stdout, stderr = procs[0].communicate(timeout=HANG_S)
@@ -235,21 +221,21 @@ def test_slurm_job_preempted_checkpoints_requeues_and_resumes(tmp_path):
     import signal
 
     from launch import slurm
-    from test_launch import calls, stand_ins
 
     cache, job_id = tmp_path / "cache", str(random.randrange(1000, 9999))
-    overrides = [f"data.cache_dir={cache}", *SMALL, *STEPS, "trainer.max_steps=12", "trainer.ckpt_interval=100"]
+    overrides = [f"data.cache_dir={cache}", *SMALL, *DIST_STEPS, "trainer.max_steps=12", "trainer.ckpt_interval=100"]
     env = stand_ins(tmp_path)
     scontrol = Path(env["PATH"].split(os.pathsep)[0]) / "scontrol"  # this cluster's one node is this machine
     scontrol.write_text(scontrol.read_text().replace("gpu-node-07\\ngpu-node-08", "127.0.0.1"))
-    env.update({k: v for k, v in ENV.items() if k.startswith(("WANDB", "OMP"))}, SLURM_JOB_ID=job_id,
+    env.update({k: v for k, v in run_env().items() if k.startswith(("WANDB", "OMP"))}, SLURM_JOB_ID=job_id,
                SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1")
     run_dir, script = tmp_path / "runs" / "job", tmp_path / "job.sbatch"
     assert slurm.main(["--nodes", "1", "--gpus-per-node", "2", "--time", "10", "--partition", "cpu", "--run-dir",
                        str(run_dir), "--python", sys.executable, "--out", str(script), "--dry-run", "--",
                        *overrides]) == 0
-    reference = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'ref'}", *overrides],
-                                 cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(train_cmd(tmp_path / "ref", cache, *DIST_STEPS, "trainer.max_steps=12",
+                                           "trainer.ckpt_interval=100"),
+                                 cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)

@@ -22,7 +22,7 @@ from diffv2.config import DataConfig  # noqa: E402
 from diffv2.infer.evaluate import main as evaluate_main, perplexity  # noqa: E402
 from diffv2.infer.inference import load_model, run_config  # noqa: E402
 from diffv2.infer.needle import NEEDLE, QUERY, answer_is_correct, build_case, haystack_pool  # noqa: E402
-from tests.test_inference import train_tiny  # noqa: E402
+from cli_runs import train_tiny  # noqa: E402
 
 TOK = ByteTokenizer()
 

@@ -35,7 +35,8 @@ from diffv2.config import MoEConfig  # noqa: E402
 from diffv2.infer.export_hf import REMOTE_FILES, main as export_main, verify, write_hf  # noqa: E402
 from diffv2.infer.generate import Sampling, generate, main as generate_main  # noqa: E402
 from diffv2.infer.inference import load_model  # noqa: E402
-from tests.test_inference import VARIANTS, tiny_model, train_tiny  # noqa: E402
+from cli_runs import train_tiny  # noqa: E402
+from tests.builders import VARIANTS, tiny_model  # noqa: E402
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 BYTE = ByteTokenizer()  # 258 ids: bytes, 256 = end of document, 257 = pad
@@ -355,7 +356,7 @@ def test_modeling_files_are_self_contained():
     """The remote-code files import only the standard library, torch and transformers (and each other)."""
     allowed = {"math", "typing", "torch", "transformers"}
     for name in REMOTE_FILES:
-        tree = ast.parse((ROOT / "diffv2" / "hf" / name).read_text())
+        tree = ast.parse((ROOT / "diffv2" / "infer" / "hf" / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 assert {a.name.split(".")[0] for a in node.names} <= allowed, (name, ast.dump(node))

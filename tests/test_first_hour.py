@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_runs import ROOT, _env, error_line, run_watched, train, train_cmd
+from cli_runs import ROOT, error_line, run_env, train, train_cmd
 
 sys.path.insert(0, str(ROOT))
 import train as entry  # noqa: E402  (train.py: compose_error, what the CLI checks before Hydra starts)
@@ -56,9 +56,8 @@ def test_good_overrides_pass_the_same_checks():
 
 
 def test_missing_home_names_the_fix(tmp_path):
-    env = {k: v for k, v in _env(None, None).items() if k not in ("HOME", "DIFFV2_CACHE")}
     run_dir = tmp_path / "runs" / "x"
-    proc = run_watched([sys.executable, "train.py", f"hydra.run.dir={run_dir}"], env=env)
+    proc = train(run_dir, None, base=(), unset=("HOME", "DIFFV2_CACHE"))
     assert proc.returncode == 2
     assert error_line(proc) == ("error: data.cache_dir: the environment variable HOME is not set and data.cache_dir "
                                 "defaults to a path under it; set HOME or DIFFV2_CACHE=DIR, or give data.cache_dir=DIR")
@@ -84,7 +83,7 @@ def test_console_is_one_stream_and_train_log_has_the_run(tmp_path, data_cache):
     cmd = train_cmd(run_dir, data_cache, "trainer.max_steps=6", "trainer.log_interval=2", "trainer.eval_interval=3",
                     "logging.progress=true")
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**_env(None, None), "COLUMNS": "120"}, stdin=follower,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(extra={"COLUMNS": "120"}), stdin=follower,
                             stdout=follower, stderr=follower, close_fds=True)
     os.close(follower)
     chunks = []
@@ -110,7 +109,7 @@ def test_console_is_one_stream_and_train_log_has_the_run(tmp_path, data_cache):
 
 
 def test_help_lists_the_training_choices_only():
-    proc = run_watched([sys.executable, "train.py", "--help"], env=_env(None, None))
+    proc = train(None, None, base=(), flags=["--help"])
     assert proc.returncode == 0
     groups = {line.split(":")[0].strip(): line.split(":", 1)[1] for line in proc.stdout.splitlines()
               if line.startswith("  ") and ":" in line}

@@ -6,7 +6,6 @@ tests/test_model.py check against the independent fp64 reference.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,25 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from watched import run_watched  # noqa: E402
+from cli_runs import train_tiny  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.infer.generate import Sampling, generate, main as generate_main, sample  # noqa: E402
-from diffv2.infer.inference import cast_weights  # noqa: E402
 from diffv2.model.kv_cache import KVCache  # noqa: E402
 from diffv2.model.transformer import Transformer  # noqa: E402
-from tests.reference import assert_rel_close, init_sharp_  # noqa: E402
+from tests.builders import VARIANTS, tiny_model  # noqa: E402
+from tests.reference import assert_rel_close  # noqa: E402
 
-VARIANTS = {
-    "diffv2": {},
-    "diffv2_half_split": {"pairing": "half_split"},
-    "diffv2_no_lambda": {"lambda_mode": "none"},
-    "diffv2_raw_lambda": {"lambda_mode": "raw"},
-    "diffv2_qk_norm_neox": {"qk_norm": True, "rope_style": "half"},
-    "baseline": {"variant": "baseline"},
-    "baseline_1p5h": {"variant": "baseline", "head_multiplier": 1.5},
-    "baseline_2h": {"variant": "baseline", "head_multiplier": 2.0},
-    "diffv1": {"variant": "diffv1"},
-}
 # Token counts fed per forward: prefill (odd and even), multi-token chunks on a non-empty cache, single steps.
 SCHEDULES = {"prefill7-chunk4-steps": [7, 4, 1, 1, 1, 1, 1], "prefill1-steps": [1] * 9, "chunks5-3-6": [5, 3, 6]}
 
@@ -46,19 +34,6 @@ def _single_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-def tiny_model(variant: str = "diffv2", seed: int = 0, dtype=torch.float32, **kw) -> Transformer:
-    """2 layers, h=4, h_kv=2, d=16; attention weights give peaked maps and sigma(lambda) spread over (0, 1)."""
-    base = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=96, vocab_size=61,
-                max_seq_len=64)
-    base.update(kw)
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**base, attention=AttentionConfig(**VARIANTS[variant])))
-    with torch.no_grad():
-        for block in model.blocks:
-            init_sharp_(block.attn)
-    return cast_weights(model, dtype).eval()
 
 
 @torch.no_grad()
@@ -334,19 +309,6 @@ def test_prompt_plus_new_tokens_beyond_max_seq_len_is_rejected():
 
 
 # ================================================================================================== the command
-TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=32",
-        "model.ffn_hidden=128", "model.vocab_size=264", "data.seq_len=64", "trainer.micro_batch_size=4",
-        "trainer.global_batch_size=4", "trainer.max_steps=4", "logging.progress=false", "data.num_workers=0"]
-
-
-def train_tiny(run_dir: Path, cache: Path, *overrides: str) -> Path:
-    """A real 4-step run of train.py; returns its checkpoint directory."""
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", *TINY, *overrides]
-    proc = run_watched(cmd, env={**os.environ, "WANDB_MODE": "disabled"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir / "checkpoints" / "step_00000004"
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("generate")

@@ -179,7 +179,7 @@ def test_lm_eval_matches_the_project(tmp_path_factory):
     from diffv2.infer.export_hf import main as export_main
     from diffv2.infer.generate import Sampling, generate
     from diffv2.infer.inference import load_model
-    from tests.test_inference import train_tiny
+    from cli_runs import train_tiny
 
     tmp = tmp_path_factory.mktemp("lm_eval")
     ckpt = train_tiny(tmp / "run", tmp / "cache")  # a real 4-step train.py run

@@ -24,6 +24,7 @@ from diffv2.model.heads import validate_heads  # noqa: E402
 from diffv2.model.kernels import causal_attention, doc_ids_from_tokens, resolve_backend  # noqa: E402
 from diffv2.model.loss import linear_cross_entropy  # noqa: E402
 from diffv2.model.transformer import Transformer  # noqa: E402
+from diffv2.parallel.parallelize import materialize_model  # noqa: E402
 from tests.builders import with_attention  # noqa: E402
 from tests import reference as ref  # noqa: E402
 from tests.builders import make_attention, model_cfg  # noqa: E402
@@ -597,7 +598,7 @@ def test_meta_device_build_materialises_to_the_same_model(variant, moe):
     with torch.device("meta"):
         lazy = Transformer(cfg)
     assert all(p.is_meta for p in lazy.parameters())
-    lazy.materialize(torch.device("cpu"))
+    materialize_model(lazy, torch.device("cpu"))
     a, b = normal.state_dict(), lazy.state_dict()
     assert a.keys() == b.keys()
     for k in a:
@@ -611,7 +612,7 @@ def test_meta_device_build_materialises_to_the_same_model(variant, moe):
 def _device_drawn(cfg, seed: int, device: str = "cpu") -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.materialize(torch.device(device), draw="device", seed=seed)
+    materialize_model(model, torch.device(device), draw="device", seed=seed)
     return model
 
 

@@ -23,7 +23,8 @@ PACKAGES = ("diffv2", "monitoring", "analysis")
 MUTABLE_CALLS = {"dict", "list", "set", "bytearray", "defaultdict", "OrderedDict", "Counter", "deque", "ChainMap",
                  "WeakKeyDictionary", "WeakValueDictionary", "WeakSet", "local", "Lock", "RLock", "Event",
                  "Condition", "Semaphore"}
-IMMUTABLE_CALLS = {"frozenset", "tuple", "field", "MappingProxyType", "NamedTuple", "TypeVar", "Path"}
+# MonitorSpec: a frozen dataclass (a monitor module's declaration, monitoring/spec.py)
+IMMUTABLE_CALLS = {"frozenset", "tuple", "field", "MappingProxyType", "NamedTuple", "TypeVar", "Path", "MonitorSpec"}
 CACHES = {"lru_cache", "cache"}
 
 # name -> why it may stay at module level (plan section 11.2 / 11.3)
@@ -35,6 +36,9 @@ ALLOWED = {
     "diffv2.model.loss._compiled_chunk": "lru_cache: the cross-entropy chunk compiled once per process (a pure function)",
     "diffv2.model.attention._compiled_combine": "lru_cache: DIFF V2's combine compiled once per process; the fall-back "
                                           "flag is per model (FusedCombine)",
+    "monitoring.build.specs": "lru_cache: the monitor modules of the installed monitoring/ package, a fact of the "
+                              "process",
+    "monitoring.build.schema": "lru_cache: the monitoring config class made from those modules (a pure function)",
     # process-global by nature
     "diffv2.model.recompute._state": "threading.local: the recomputation flag is a dynamic scope per thread (autograd "
                                "runs backward on its own threads), like torch's grad mode",

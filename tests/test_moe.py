@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,9 +22,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from watched import run_watched
+from cli_runs import train
 from diffv2.train.callbacks import TrainContext, to_host
 from diffv2.config import Config, ModelConfig, MoEConfig, register_configs
+from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
+from diffv2.parallel.parallelize import sum_over_ranks
+from monitoring.build import schema
 from diffv2.model.flops import count
 from diffv2.model.transformer import Transformer
 from diffv2.model.moe import GroupedExperts, MoE, load_balance_loss, route
@@ -33,7 +35,7 @@ from diffv2.train.validate import validate
 from monitoring.moe import MoEMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
-register_configs()
+register_configs(monitoring=schema())
 M = 16
 
 
@@ -207,8 +209,8 @@ def test_activation_checkpointing_recomputation_leaves_no_trace(ac, compiled):
     torch.manual_seed(0)
     plain = Transformer(cfg).train()
     checkpointed = copy.deepcopy(plain)
-    checkpointed.set_activation_checkpointing(ac, every=2)
-    assert checkpointed.checkpointed
+    apply_activation_checkpointing(checkpointed, ac, every=2)
+    assert checkpointed.block_runner is not None
     if compiled:  # as trainer.compile: per block; the forward and its recomputation must save the same tensors
         for block in checkpointed.blocks:
             block.compile()
@@ -295,6 +297,8 @@ def _ep_worker(rank: int, world: int, port: int) -> None:
             full.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.0, 0.2]))
             sharded = copy.deepcopy(full)
             apply_expert_parallel(sharded, dist.group.WORLD)
+            for moe in (full, sharded):  # global-batch balance, as parallelize sets it with several ranks
+                moe.count_reducer = sum_over_ranks
             _check_ep_matches_ep1(rank, full, sharded)
     finally:
         dist.destroy_process_group()
@@ -402,13 +406,11 @@ def test_moe_layers_fill_the_monitor_contract(tmp_path):
 
 
 def _train_moe_tiny(run_dir: Path, cache: Path) -> list[dict]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "train.py", "model=moe_tiny", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}",
-           "data.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_size=4", "trainer.max_steps=6",
-           "trainer.log_interval=1", "logging.progress=false", "data.num_workers=0", "monitoring.moe.interval=2",
-           "optim.warmup_steps=2", "trainer.ckpt_interval=3", "trainer.eval_interval=-1",
-           "model.moe.balance=aux_free"]  # also exercises the trainer's bias update after optimizer.step
-    proc = run_watched(cmd, env=env)
+    proc = train(run_dir, cache, "model=moe_tiny", "data.seq_len=64", "trainer.micro_batch_size=4",
+                 "trainer.global_batch_size=4", "trainer.max_steps=6", "trainer.log_interval=1",
+                 "logging.progress=false", "data.num_workers=0", "monitoring.moe.interval=2", "optim.warmup_steps=2",
+                 "trainer.ckpt_interval=3", "trainer.eval_interval=-1",
+                 "model.moe.balance=aux_free", base=())  # also exercises the trainer's bias update after optimizer.step
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

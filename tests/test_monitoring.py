@@ -10,14 +10,15 @@ from torch import nn
 
 from diffv2.model.attention import Attention, lambda_init
 from diffv2.train.callbacks import StepResult, TrainContext, to_host
-from diffv2.config import Config, ModelConfig, MonitoringConfig
+from diffv2.config import Config, ModelConfig
 from diffv2.model.transformer import Transformer
+from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
 from tests.builders import with_attention
 from diffv2.train.validate import validate_monitoring
 from monitoring.activations import ActivationMonitor, residual_stats
 from monitoring.attention_math import lambda_scale, logits, pairs, project_qk, sink_and_entropy
 from monitoring.attention_sinks import AttentionSinkMonitor
-from monitoring.build import build_monitors
+from monitoring.build import build_monitors, schema
 from monitoring.context_rms import ContextRMSMonitor, context_rms_H, floor_H
 from monitoring import grad_norms
 from monitoring.grad_norms import GradNormMonitor, kind_of, layer_of
@@ -159,10 +160,10 @@ def test_update_ratio_of_a_large_tensor_is_estimated_from_a_coprime_sample_of_it
 
 
 def test_update_sample_must_be_positive():
-    """One rule (validate_update_sample) for the monitor and the start-up check, with one message."""
+    """One rule (GradNormMonitorConfig.validate) for the monitor and the start-up check, with one message."""
     with pytest.raises(ValueError, match="monitoring.grad_norms.update_sample=0 must be >= 1"):
         GradNormMonitor(interval=1, update_sample=0)
-    cfg = MonitoringConfig()
+    cfg = schema()()
     cfg.grad_norms.update_sample = 0
     with pytest.raises(ValueError, match="monitoring.grad_norms.update_sample=0 must be >= 1"):
         validate_monitoring(cfg)
@@ -296,7 +297,7 @@ def test_observed_compiled_blocks_compile_once_for_every_layer(ac, tmp_path):
     cfg = with_attention(ModelConfig(**{**BASE.__dict__, "n_layers": 8}), variant="diffv2")
     eager, compiled = Transformer(cfg), Transformer(cfg)
     compiled.load_state_dict(eager.state_dict())
-    compiled.set_activation_checkpointing(ac)
+    apply_activation_checkpointing(compiled, ac)
     for block in compiled.blocks:
         block.compile()
     seen = {"eager": [], "compiled": []}
@@ -461,12 +462,12 @@ def test_moe_monitor_reads_and_resets_tokens_per_expert(tmp_path):
 # --- plumbing ------------------------------------------------------------------------------------------------------
 
 def test_monitors_off_install_nothing(tmp_path):
-    off = MonitoringConfig(enabled=False)
+    off = schema()(enabled=False)
     assert [m.name for m in build_monitors(off)] == ["perf"]  # throughput only: no observer, no extra kernel
     off.perf.enabled = False
     assert build_monitors(off) == []
     model = tiny()
-    monitors = build_monitors(MonitoringConfig())
+    monitors = build_monitors(schema()())
     ctx = make_ctx(model, tmp_path, probe=torch.randint(0, 64, (2, 9)))
     for m in monitors:
         m.on_train_start(ctx)
@@ -481,7 +482,7 @@ def test_to_host_converts_everything_in_one_pass():
 
 
 def test_heatmap_interval_must_be_a_multiple_of_the_interval():
-    cfg = MonitoringConfig()
+    cfg = schema()()
     cfg.context_rms.heatmap_interval = 75
     with pytest.raises(ValueError, match="monitoring.context_rms.heatmap_interval=75 must be a positive multiple"):
         validate_monitoring(cfg)

@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from watched import run_watched
 from analysis import compare
-from test_train import read_metrics, run_train  # the same SMALL model and entry point as the trainer tests
+from cli_runs import metrics, run_watched, train  # the same SMALL model and entry point as the trainer tests
 
 # Intervals small enough that every monitor fires within 12 steps; spike warm-up shorter than the run.
 MON = ["trainer.max_steps=12", "trainer.log_interval=2", "trainer.eval_interval=6", "trainer.ckpt_interval=6",
@@ -32,12 +31,12 @@ def data_cache(tmp_path_factory):
 def runs(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("monitored")
     for variant in ("diffv2", "baseline"):
-        run_train(root / variant, data_cache, f"attention={variant}", *MON)
+        train(root / variant, data_cache, f"attention={variant}", *MON, check=True)
     return root
 
 
 def keys(run_dir) -> set[str]:
-    return {k for row in read_metrics(run_dir) for k in row}
+    return {k for row in metrics(run_dir) for k in row}
 
 
 def test_monitored_run_logs_every_group_and_the_event_log(runs):
@@ -47,7 +46,7 @@ def test_monitored_run_logs_every_group_and_the_event_log(runs):
                 "attn/context_rms_a2_mean/L00", "attn/context_rms_floor/L01", "attn/lambda_sigmoid_p95/L01",
                 "attn/sink_mass_a1/L00", "spike/score", "perf/tokens_per_s"):
         assert key in found, key
-    heatmap = next(r["attn/context_rms_heads"] for r in read_metrics(runs / "diffv2") if "attn/context_rms_heads" in r)
+    heatmap = next(r["attn/context_rms_heads"] for r in metrics(runs / "diffv2") if "attn/context_rms_heads" in r)
     assert len(heatmap) == 2 and all(len(row) == 2 for row in heatmap)  # layers x output heads
     assert (runs / "diffv2" / "spikes.jsonl").is_file()
     assert not any(k.startswith("attn/lambda") for k in keys(runs / "baseline"))
@@ -59,16 +58,16 @@ def test_monitor_state_is_checkpointed_and_resumed(runs, tmp_path, data_cache):
     run_dir = tmp_path / "resumed"
     shutil.copytree(runs / "diffv2", run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "step_00000012")
-    run_train(run_dir, data_cache, "attention=diffv2", *MON)
+    train(run_dir, data_cache, "attention=diffv2", *MON, check=True)
     spike_keys = ("spike/loss_z", "spike/grad_norm_z", "spike/score", "spike/count")
-    want = {r["step"]: [r[k] for k in spike_keys] for r in read_metrics(runs / "diffv2") if "spike/score" in r}
-    got = {r["step"]: [r[k] for k in spike_keys] for r in read_metrics(run_dir) if "spike/score" in r}
+    want = {r["step"]: [r[k] for k in spike_keys] for r in metrics(runs / "diffv2") if "spike/score" in r}
+    got = {r["step"]: [r[k] for k in spike_keys] for r in metrics(run_dir) if "spike/score" in r}
     assert got == want  # the detector continued from its checkpointed window, bit for bit
 
 
 def test_monitoring_off_logs_only_the_loop_and_throughput_metrics(tmp_path, data_cache):
     run_dir = tmp_path / "off"
-    run_train(run_dir, data_cache, "monitoring.enabled=false", "trainer.max_steps=4", "trainer.log_interval=2")
+    train(run_dir, data_cache, "monitoring.enabled=false", "trainer.max_steps=4", "trainer.log_interval=2", check=True)
     assert {k for k in keys(run_dir) if k.startswith("grad/")} == {"grad/norm"}
     assert {k.split("/")[0] for k in keys(run_dir) if "/" in k} == {"train", "grad", "perf"}
     assert not (run_dir / "spikes.jsonl").exists()
@@ -83,8 +82,8 @@ def test_an_observed_step_observes_its_first_micro_batches_only(tmp_path, data_c
             "monitoring.observed_micro_batches=0"], "one": ["trainer.global_batch_size=4"]}
     got = {}
     for name, overrides in runs.items():
-        run_train(tmp_path / name, data_cache, "trainer.micro_batch_size=4", *once, *overrides)
-        got[name] = {k: v for r in read_metrics(tmp_path / name) for k, v in r.items()
+        train(tmp_path / name, data_cache, "trainer.micro_batch_size=4", *once, *overrides, check=True)
+        got[name] = {k: v for r in metrics(tmp_path / name) for k, v in r.items()
                      if k.startswith(("act/", "attn/context_rms_", "attn/lambda_sigmoid_"))}
     assert "act/max_abs/L01" in got["one"] and "attn/context_rms_a1_mean/L00" in got["one"]
     assert got["first_of_two"] == got["one"]

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from cli_runs import ROOT, _env, error_line, run_watched, train
+from cli_runs import ROOT, SMALL, compose_cfg, error_line, run_env, run_watched, train
 from diffv2.train import checkpoint
 from diffv2.parallel.engine import Engine, safe_load
 from diffv2.config import ModelConfig
@@ -384,7 +384,7 @@ def test_commands_refuse_planted_metadata(trained_run, tmp_path, command):
     marker = tmp_path / "marker"
     plant_metadata(ckpt, marker)
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
-    proc = run_watched([sys.executable, "-m", *args, "--checkpoint", str(run)], env=_env(None, None))
+    proc = run_watched([sys.executable, "-m", *args, "--checkpoint", str(run)], env=run_env())
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_line(proc).startswith("error: refusing to load") and "builtins.exec" in error_line(proc)
     assert not marker.exists()
@@ -394,7 +394,6 @@ def test_planted_megatron_index_cache_is_refused(trained_run, tmp_path):
     """megatron-core loads data.cache_dir/index/*.npy with numpy.load(allow_pickle=True, mmap_mode='r')."""
     from data.dataset import build_datasets
     from data.tokenizer import load_tokenizer
-    from test_train import SMALL, compose_cfg
 
     cache = tmp_path / "cache"
     shutil.copytree(trained_run / "cache", cache)

@@ -15,7 +15,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
-from cli_runs import ROOT, _env, run_watched, train_cmd
+from cli_runs import ROOT, train
 
 SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY",
                 "MY_SECRET", "DB_PASSWORD", "DIFFV2_SERVICE_KEY")
@@ -33,10 +33,6 @@ def source_copy(dest: Path, remote: str) -> Path:
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"], ["remote", "add", "origin", remote]):
         subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
     return dest
-
-
-def train_from(src: Path, run: Path, cache: Path, *overrides: str, env: dict) -> subprocess.CompletedProcess:
-    return run_watched(train_cmd(run, cache, *overrides), env=_env(None, env), cwd=src)
 
 
 def every_file(roots: list[Path]) -> list[Path]:
@@ -66,9 +62,9 @@ def test_no_secret_from_the_environment_is_written(tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     overrides = ("trainer.max_steps=4", "trainer.ckpt_interval=2", "trainer.log_interval=1", "trainer.eval_interval=2",
                  f"logging.wandb.tags=[{marker}]", "hydra.output_subdir=.hydra")
-    first = train_from(src, run, cache, *overrides, env=env)
+    first = train(run, cache, *overrides, env=env, cwd=src)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = train_from(src, run, cache, *overrides, env=env)  # resumes: loads the checkpoint, reopens the W&B run
+    again = train(run, cache, *overrides, env=env, cwd=src)  # resumes: loads the checkpoint, reopens the W&B run
     assert again.returncode == 0, again.stderr[-3000:]
 
     files = every_file([run, cache, home, tmp, wandb_home])

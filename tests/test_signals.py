@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_runs import (ROOT, _env, checkpoint_tensors, differing_tensors, error_line, metrics, run_watched,
-                      side_by_side, train, train_cmd, train_signalled_after, trajectory, tree_digest)
+from cli_runs import (ROOT, checkpoint_tensors, differing_tensors, error_line, metrics, run_env, side_by_side, train,
+                      train_cmd, train_signalled_after, trajectory, tree_digest)
 from diffv2.train import checkpoint
 
 RUN = ["trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=4", "trainer.ckpt_interval=100",
@@ -169,7 +169,7 @@ def test_rerunning_a_finished_run_says_so_with_its_real_numbers_and_writes_nothi
 def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, cache):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(train_cmd(run_dir, cache, *RUN, "trainer.max_steps=400"), cwd=ROOT,
-                              env=_env(None, None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in holder.stdout:
             if "step      1 | loss" in line:
@@ -206,7 +206,7 @@ def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_holders_lock_
 def test_a_refused_start_is_one_line_and_leaves_no_directory(tmp_path, cache, overrides, env, expected):
     run_dir = tmp_path / "runs" / "new"
     start = time.monotonic()
-    proc = run_watched(train_cmd(run_dir, cache, *overrides), env=_env(None, env))
+    proc = train(run_dir, cache, *overrides, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert expected in error_line(proc) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     assert not run_dir.exists()
@@ -221,9 +221,9 @@ def test_every_rank_exits_with_the_same_code_and_a_dead_wandb_service_does_not_c
     rank 0. At step 3 the W&B service is SIGTERMed (SLURM signals every process of the step, the service too)
     and SIGUSR1 goes to the group: both ranks save, stop and exit 75; the rerun resumes and finishes."""
     port = str(_free_port())
-    env = _env(None, {"WANDB_MODE": "offline", "WANDB_X_DISABLE_STATS": "true", "MASTER_ADDR": "127.0.0.1",
-                      "MASTER_PORT": port, "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2"})
-    env.pop("SLURM_JOB_ID", None)
+    env = run_env(extra={"WANDB_MODE": "offline", "WANDB_X_DISABLE_STATS": "true", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": port, "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2"},
+                  unset=("SLURM_JOB_ID",))
     run_dir = tmp_path / "job"
     cmd = train_cmd(run_dir, cache, *RUN, "trainer.micro_batch_size=2")
     leader = subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"},

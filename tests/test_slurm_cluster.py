@@ -32,6 +32,8 @@ from typing import Callable, Optional
 
 import pytest
 
+from cli_runs import train_cmd
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,8 +127,7 @@ def plain_run(run_dir: Path, cache: Path, overrides: list[str]) -> subprocess.Po
     """The uninterrupted reference, started: a plain local `torchrun --nproc-per-node 2 train.py` of the same
     config (W&B off: it changes no number). finish() waits for it."""
     env = {**job_env(), "WANDB_MODE": "disabled"}
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={TASKS}", "train.py",
-           f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", *overrides]
+    cmd = train_cmd(run_dir, cache, *overrides, base=(), nproc=TASKS)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     out = open(run_dir.parent / f"{run_dir.name}.out", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)

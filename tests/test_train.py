@@ -3,54 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from watched import run_watched
+from cli_runs import ROOT, compose_cfg, metrics, train
 from diffv2.train import checkpoint
-from diffv2.config import Config, register_configs
 from diffv2.train.validate import validate
-
-ROOT = Path(__file__).resolve().parent.parent
-register_configs()
-
-# A model small enough that a dozen steps take seconds; accumulation 2 exercises the micro-batch loop.
-SMALL = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=32",
-    "model.ffn_hidden=128", "model.vocab_size=264", "data.seq_len=64", "trainer.micro_batch_size=4",
-    "trainer.global_batch_size=8", "trainer.eval_batches=2", "logging.progress=false", "data.num_workers=0",
-    "optim.warmup_steps=2",
-]
-
-
-def compose_cfg(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
-
-
-def run_train(run_dir: Path, cache: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", *SMALL, *overrides]
-    proc = run_watched(cmd, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +84,14 @@ def test_unknown_key_is_rejected_by_the_schema():
 
 
 def test_bad_config_exits_with_one_line_before_any_work(tmp_path, data_cache):
-    proc = run_train(tmp_path / "run", data_cache, "model.n_heads=3", "model.n_kv_heads=2", check=False)
+    proc = train(tmp_path / "run", data_cache, "model.n_heads=3", "model.n_kv_heads=2")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: DIFF V2 pairs need")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_missing_data_path_is_one_clear_error(tmp_path, data_cache):
-    proc = run_train(tmp_path / "run", data_cache, f"data.prefixes=[{tmp_path}/nope]", check=False)
+    proc = train(tmp_path / "run", data_cache, f"data.prefixes=[{tmp_path}/nope]")
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "nope" in last and "data.prepare" in last
@@ -134,8 +100,8 @@ def test_missing_data_path_is_one_clear_error(tmp_path, data_cache):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_cache) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "a"
-    run_train(run_dir, data_cache, "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6",
-              "trainer.ckpt_interval=6", "trainer.keep_last=3")
+    train(run_dir, data_cache, "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6",
+          "trainer.ckpt_interval=6", "trainer.keep_last=3", check=True)
     return run_dir
 
 
@@ -153,7 +119,7 @@ def test_loss_decreases_and_validation_is_logged(finished_run):
     losses = train_losses(finished_run)
     assert sorted(losses) == list(range(1, 13))
     assert losses[12] < losses[1] - 0.5
-    val = [m["train/val_loss"] for m in read_metrics(finished_run) if "train/val_loss" in m]
+    val = [m["train/val_loss"] for m in metrics(finished_run) if "train/val_loss" in m]
     assert len(val) == 2 and val[1] < val[0]
 
 
@@ -162,8 +128,8 @@ def test_resume_is_bit_exact(finished_run, tmp_path, data_cache):
     run_dir = tmp_path / "resumed"
     shutil.copytree(finished_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "step_00000012")
-    run_train(run_dir, data_cache, "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6",
-              "trainer.ckpt_interval=6", "trainer.keep_last=3")
+    train(run_dir, data_cache, "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6",
+          "trainer.ckpt_interval=6", "trainer.keep_last=3", check=True)
     assert train_losses(run_dir) == train_losses(finished_run)  # float equality, every step
     a = torch.load(finished_run / "checkpoints/step_00000012/trainer.pt", weights_only=True)
     b = torch.load(run_dir / "checkpoints/step_00000012/trainer.pt", weights_only=True)
@@ -174,7 +140,7 @@ def test_changed_model_shape_refuses_to_resume(finished_run, tmp_path, data_cach
     run_dir = tmp_path / "reshaped"
     shutil.copytree(finished_run, run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_train(run_dir, data_cache, "trainer.max_steps=12", "model.ffn_hidden=256", check=False)
+    proc = train(run_dir, data_cache, "trainer.max_steps=12", "model.ffn_hidden=256")
     assert proc.returncode == 2 and "ffn_hidden" in proc.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
@@ -184,14 +150,14 @@ def test_raising_max_steps_continues_a_finished_run(finished_run, tmp_path, data
     checkpoint, the earlier rows stay as they were, and the run says how the schedule and the data order go on."""
     run_dir = tmp_path / "longer"
     shutil.copytree(finished_run, run_dir)
-    before = read_metrics(run_dir)
-    proc = run_train(run_dir, data_cache, "trainer.max_steps=14", "trainer.log_interval=1")
+    before = metrics(run_dir)
+    proc = train(run_dir, data_cache, "trainer.max_steps=14", "trainer.log_interval=1", check=True)
     text = proc.stdout + proc.stderr
     assert "resumed from" in text and "at step 12" in text
     assert "trainer.max_steps is now 14 (the checkpoint at step 12 planned 96 samples, this run 112)" in text
     assert "learning-rate schedule is re-planned for 14 steps" in text
     assert ("the data continues in the same order" in text) != ("may revisit samples already trained on" in text)
-    after = read_metrics(run_dir)
+    after = metrics(run_dir)
     assert after[:len(before)] == before
     assert [m["step"] for m in after[len(before):] if "train/loss" in m] == [13, 14]
     assert checkpoint.read_meta(checkpoint.latest_valid(run_dir / "checkpoints"))["train_samples"] == 112
@@ -200,14 +166,14 @@ def test_raising_max_steps_continues_a_finished_run(finished_run, tmp_path, data
 def test_lowering_max_steps_below_the_checkpoint_is_refused(finished_run, tmp_path, data_cache):
     run_dir = tmp_path / "shorter"
     shutil.copytree(finished_run, run_dir)
-    proc = run_train(run_dir, data_cache, "trainer.max_steps=10", check=False)
+    proc = train(run_dir, data_cache, "trainer.max_steps=10")
     assert proc.returncode == 2
     assert "is at step 12, past trainer.max_steps=10; raise trainer.max_steps" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_baseline_runs_from_the_same_entry_point(tmp_path, data_cache):
     run_dir = tmp_path / "base"
-    run_train(run_dir, data_cache, "attention=baseline", "trainer.max_steps=4", "trainer.log_interval=2")
+    train(run_dir, data_cache, "attention=baseline", "trainer.max_steps=4", "trainer.log_interval=2", check=True)
     assert OmegaConf.load(run_dir / "config.yaml").model.attention.variant == "baseline"
     assert len(train_losses(run_dir)) == 2
 
@@ -217,8 +183,8 @@ def test_profiled_steps_write_a_trace_and_an_operator_table(tmp_path, data_cache
     import json
 
     run_dir = tmp_path / "prof"
-    run_train(run_dir, data_cache, "trainer.max_steps=5", "trainer.log_interval=5", "trainer.profile_start=2",
-              "trainer.profile_steps=2", "trainer.eval_interval=-1", "trainer.ckpt_interval=-1")
+    train(run_dir, data_cache, "trainer.max_steps=5", "trainer.log_interval=5", "trainer.profile_start=2",
+          "trainer.profile_steps=2", "trainer.eval_interval=-1", "trainer.ckpt_interval=-1", check=True)
     trace = json.loads(gzip.decompress((run_dir / "profile" / "trace_rank0.json.gz").read_bytes()))
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any("aten::mm" in n or "aten::addmm" in n or "aten::bmm" in n for n in names)  # the model's matmuls
@@ -289,20 +255,19 @@ def test_idle_gaps_name_the_host_cause_of_each_device_gap():
 def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path, data_cache, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "wb"
-    run_train(run_dir, data_cache, "trainer.max_steps=4", "trainer.ckpt_interval=2", "logging.wandb.mode=offline")
+    wandb_run = ("trainer.max_steps=4", "trainer.ckpt_interval=2", "logging.wandb.mode=offline")
+    train(run_dir, data_cache, *wandb_run, check=True)
     first_id = checkpoint.read_meta(run_dir / "checkpoints/step_00000004")["wandb_id"]
     assert first_id and list((run_dir / "wandb").glob(f"offline-run-*-{first_id}"))
     shutil.rmtree(run_dir / "checkpoints/step_00000004")
-    run_train(run_dir, data_cache, "trainer.max_steps=4", "trainer.ckpt_interval=2", "logging.wandb.mode=offline")
+    train(run_dir, data_cache, *wandb_run, check=True)
     assert checkpoint.read_meta(run_dir / "checkpoints/step_00000004")["wandb_id"] == first_id
 
 
 def test_multirun_sweeps_attention_and_seed(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "train.py", "-m", "attention=diffv2,baseline", "seed=0,1", f"hydra.sweep.dir={sweep}",
-           f"data.cache_dir={data_cache}", *SMALL, "trainer.max_steps=2", "trainer.log_interval=1"]
-    proc = run_watched(cmd, env=env)
+    proc = train(None, data_cache, "attention=diffv2,baseline", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                 "trainer.max_steps=2", "trainer.log_interval=1", flags=["-m"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
     assert names == ["tiny-baseline-s0", "tiny-baseline-s1", "tiny-diffv2-s0", "tiny-diffv2-s1"]

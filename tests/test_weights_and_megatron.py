@@ -28,9 +28,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cli_runs import (ENV, checkpoint_tensors, error_line, metrics, prepare as prepare_cli,  # noqa: E402
-                      run_watched, train)
-from test_train import SMALL, compose_cfg  # noqa: E402
+from cli_runs import (DIST_STEPS, SMALL, checkpoint_tensors, compose_cfg, error_line, metrics,  # noqa: E402
+                      prepare as prepare_cli, run_env, run_watched, train)
 from diffv2.infer import weights  # noqa: E402
 from diffv2.model import weight_files  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig, MoEConfig  # noqa: E402
@@ -185,7 +184,7 @@ def source_run(tmp_path_factory) -> tuple[Path, Path]:
 def export_cli(*args: str) -> subprocess.CompletedProcess:
     """`python -m diffv2.infer.weights export ...` with the base install: transformers and safetensors made unimportable."""
     code = BLOCK_IMPORTS + f"from diffv2.infer.weights import main; main({['export', *args]!r})"
-    return run_watched([sys.executable, "-c", code], env=ENV)
+    return run_watched([sys.executable, "-c", code], env=run_env())
 
 
 def fresh_model(ckpt: Path, seed: int = 123) -> Transformer:
@@ -402,11 +401,9 @@ def test_sharded_expert_parallel_checkpoint_exports(source_run, tmp_path):
     """A checkpoint written by 2 ranks (torchrun, FSDP2-sharded parameters, MoE experts split by parallel.ep=2, each
     rank's under NAME.ep{r}of2) exports to the full model: every tensor equal to the checkpoint's own shards put
     together, and it loads into a fresh one-process model."""
-    from test_distributed import torchrun
-
     _, cache = source_run
     moe = ["model=moe_tiny", "model.vocab_size=264", "model.moe.balance=aux_free", "trainer.max_steps=2"]
-    proc = torchrun(tmp_path / "ep", cache, *moe, "parallel.ep=2", "parallel.meta_init=true")
+    proc = train(tmp_path / "ep", cache, *DIST_STEPS, *moe, "parallel.ep=2", "parallel.meta_init=true", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "ep" / "checkpoints" / "step_00000002"
     out = tmp_path / "ep.safetensors"

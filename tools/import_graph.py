@@ -263,7 +263,7 @@ Where a change goes:
 
 | change | files | pattern followed |
 |---|---|---|
-| a new monitor | `monitoring/<name>.py` (a `Callback` of `diffv2/train/callbacks.py`), its entry in `monitoring/build.py`, its config dataclass in `diffv2/config.py` (a field of `MonitoringConfig`) and defaults in `configs/monitoring/` | OLMo-core's callbacks: the loop calls hooks, a monitor is a plug-in |
+| a new monitor | one new file, `monitoring/<name>.py`: the monitor (a `Callback` of `diffv2/train/callbacks.py`), its config class (a `MonitorConfig` of `monitoring/spec.py`, with its defaults and checks) and `SPEC`; `monitoring/build.py` finds it, adds `monitoring.<name>.*` to the schema and builds it in hook order | OLMo-core's callbacks: the loop calls hooks, a monitor is a plug-in |
 | a new attention variant | `diffv2/model/attention.py` (+ an `AttentionConfig` field when it needs one, its head counts in `diffv2/model/heads.py`) and `configs/attention/<name>.yaml` | one module, the variant a config switch |
 | a new engine or parallelism | `diffv2/parallel/` (one plan or `Engine` per file; `diffv2/parallel/build.py` picks it) | torchtitan's `parallelize_llama` (parallelism applied to the model from outside) and its `components` (the trainer built from swappable parts, here `diffv2/train/components.py`) |
 | a new step in the loop | a component in `diffv2/train/components.py` or a `Callback` | torchtitan's `train()`, OLMo-core's `_fit_epoch` |

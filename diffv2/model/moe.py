@@ -1,7 +1,9 @@
 """Mixture-of-experts FFN: token-choice top-k router, fine-grained SwiGLU experts, load balancing.
 
-Single-device PyTorch: expert parallelism is applied from outside (diffv2/parallel/expert.py) by swapping
-`MoE.dispatch`, the function that runs expert-sorted tokens through the experts.
+Single-device PyTorch: parallelism is applied from outside (diffv2/parallel/parallelize.py) through two seams:
+`MoE.dispatch`, the function that runs expert-sorted tokens through the experts (expert parallelism swaps in an
+all-to-all version, diffv2/parallel/expert.py), and `MoE.count_reducer`, which sums the load-balancing token counts
+over the data-parallel ranks.
 
 Legend: T tokens, M d_model, E experts (local experts under EP), K top_k, A = T*K routing slots,
 S slots kept after the capacity limit (sorted by expert), F expert hidden.
@@ -13,7 +15,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -108,7 +109,9 @@ class MoE(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)  # bias update
         self.dispatch: Dispatch = local_dispatch
         self.expert_slice: Optional[tuple[int, int]] = None  # under expert parallelism: this rank's experts [lo, hi)
-        self.balance_group: Optional[dist.ProcessGroup] = None  # None = the default group once initialised
+        # Sums a count tensor over the data-parallel ranks in place (global-batch balance, as Qwen3); None: this
+        # rank's counts only. Set from outside when there are several ranks (diffv2/parallel/parallelize.py).
+        self.count_reducer: Optional[Callable[[torch.Tensor], None]] = None
         self.router_loss: Optional[torch.Tensor] = None  # weighted aux + z loss of the last forward
         self.last_aux_loss = self.last_z_loss = None
 
@@ -123,11 +126,6 @@ class MoE(nn.Module):
         """The monitoring contract (monitoring/moe.py); built on read so it follows .to(device)."""
         return {"tokens_per_expert": self.tokens_per_expert, "aux_loss": self.last_aux_loss,
                 "z_loss": self.last_z_loss, "expert_bias": self.expert_bias}
-
-    def _group(self) -> Optional[dist.ProcessGroup]:
-        if self.balance_group is not None:
-            return self.balance_group
-        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
     def forward(self, x_BNM: torch.Tensor) -> torch.Tensor:
         x_TM = x_BNM.reshape(-1, x_BNM.shape[-1])
@@ -151,8 +149,8 @@ class MoE(nn.Module):
     def _account(self, logits_TE, scores_TE, routed_E) -> None:
         """Statistics and the router losses; the global-batch token counts come from every rank."""
         global_E = routed_E.clone()
-        if (group := self._group()) is not None:
-            dist.all_reduce(global_E, group=group)  # counts carry no gradient: a plain collective is enough
+        if self.count_reducer is not None:
+            self.count_reducer(global_E)  # counts carry no gradient: a plain collective is enough
         aux = load_balance_loss(scores_TE, global_E, self.top_k)
         z = torch.logsumexp(logits_TE, dim=-1).square().mean()
         loss = self.cfg.z_loss_coef * z if self.cfg.z_loss_coef else z.new_zeros(())
@@ -199,7 +197,7 @@ class MoE(nn.Module):
         """
         if self.cfg.balance == "aux_free":
             load_E = self.load_since_update
-            if (group := self._group()) is not None:
-                dist.all_reduce(load_E, group=group)  # every rank applies the same update
+            if self.count_reducer is not None:
+                self.count_reducer(load_E)  # every rank applies the same update
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.load_since_update.zero_()

@@ -4,7 +4,8 @@ A checkpointed block's forward runs twice: once in the forward pass and again in
 not keep. Anything a module does besides computing its output must happen once: module state written during the
 recomputation (MoE's router loss, token counts) would hold a second, never-backpropagated graph of that block alive
 until the next forward, and counters would count every token twice. `recomputing()` is True only inside the
-recomputation; model.hidden enters it through `checkpoint(..., context_fn=checkpoint_contexts)`. The flag is
+recomputation; the activation-checkpoint runner (diffv2/parallel/activation_checkpoint.py) enters it through
+`checkpoint(..., context_fn=checkpoint_contexts)`. The flag is
 per thread because backward (and so the recomputation) runs on autograd's device threads.
 """
 

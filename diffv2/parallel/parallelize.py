@@ -3,12 +3,14 @@
 
     1. tensor parallelism  (parallel.tp > 1: diffv2/parallel/tensor.py, on the mesh's innermost "tp" dimension)
     2. expert parallelism  (parallel.ep > 1: diffv2/parallel/expert.py, over (dp_mod_ep, ep) of the dp ranks)
-    3. activation checkpointing  (parallel.activation_checkpoint: none | full | selective every ac_every blocks)
+    3. activation checkpointing  (parallel.activation_checkpoint: none | full | selective every ac_every blocks;
+                                  diffv2/parallel/activation_checkpoint.py)
     4. compile             (trainer.compile: every block; compilation itself happens lazily at the first call)
     5. FSDP2               (fully_shard each MoE layer's experts on their own mesh, each block, then the root)
     6. materialise         (parallel.meta_init: allocate and draw the weights after sharding, before the optimizer)
 
-`parallelize(model, cfg, device, param_dtype)` returns the `Layout` the engine needs (the mesh, this rank's data
+With several ranks (any engine) every MoE layer's load-balancing token counts are summed over them
+(`MoE.count_reducer`). `parallelize(model, cfg, device, param_dtype)` returns the `Layout` the engine needs (the mesh, this rank's data
 shard, the expert-parallel meshes for sharded gradient norms, the checkpoint suffix of expert shards). One process
 with tp=1 gets steps 3 and 4 only: the plain single-device loop, bit for bit. DeepSpeed (parallel.engine=deepspeed)
 gets steps 3 and 4 too and does its own data-parallel wrapping at `deepspeed.initialize`.
@@ -25,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from diffv2.parallel import dist as pdist
+from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
 from diffv2.parallel.norms import DisjointMeshes
 
 
@@ -90,15 +94,65 @@ def parallelize(model: nn.Module, cfg, device: torch.device, param_dtype: Option
             ep_mesh = init_device_mesh(device.type, (dp // p.ep, p.ep), mesh_dim_names=("dp_mod_ep", "ep"))
             apply_expert_parallel(model, ep_mesh["ep"].get_group())
             layout.ep_suffix = f".ep{ep_mesh['ep'].get_local_rank()}of{p.ep}"
-    model.set_activation_checkpointing(p.activation_checkpoint, p.ac_every)  # 3. activation checkpointing
+    if pdist.world_size() > 1:  # MoE load balance over the global batch: token counts summed over the ranks
+        for moe in model.moe_layers():
+            moe.count_reducer = sum_over_ranks
+    apply_activation_checkpointing(model, p.activation_checkpoint, p.ac_every)  # 3. activation checkpointing
     if cfg.trainer.compile:  # 4. compile
         for block in model.blocks:
             block.compile()
     if layout.sharded:  # 5. FSDP2
         _fully_shard(model, layout, ep_mesh, p, param_dtype)
     if materialize:  # 6. a meta-device build gets its memory and weights now, sharded
-        model.materialize(device, p.meta_init_draw, cfg.seed)
+        materialize_model(model, device, p.meta_init_draw, cfg.seed)
     return layout
+
+
+@torch.no_grad()
+def materialize_model(model: nn.Module, device: torch.device, draw: str = "cpu", seed: int = 0) -> None:
+    """After a build under `torch.device("meta")` and any sharding: allocate on `device`, recompute the buffers,
+    draw the weights. Every parameter is drawn in full by the model's `init_rule`, in the order of an unsharded
+    build, and this rank keeps its piece (a DTensor shard of FSDP2 / TP, a slice of the experts under expert
+    parallelism): the weights are the same whatever the layout. draw="cpu": from the global generator on the CPU,
+    after replaying the constructors' draws, bit-identical to a normal build; draw="device": from a generator on
+    `device` seeded with `seed` (alike on every rank, so shards agree; seconds instead of minutes for tens of
+    billions of parameters, but not the numbers of a CPU build)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model.to_empty(device=device)
+    model.reset_buffers()
+    generator = torch.Generator(device=device).manual_seed(seed) if draw == "device" else None
+    if generator is None:
+        _replay_constructor_draws(model)
+    draw_device = "cpu" if generator is None else generator.device
+    slices = {f"blocks.{i}.mlp.experts.": moe.expert_slice for i, moe in
+              ((i, b.mlp) for i, b in enumerate(model.blocks)) if getattr(moe, "expert_slice", None) is not None}
+    for name, p in model.named_parameters():
+        sliced = next((s for prefix, s in slices.items() if name.startswith(prefix)), None)
+        full_shape = p.shape if sliced is None else (model.cfg.moe.n_experts, *p.shape[1:])
+        full = model.init_rule(name, p.ndim)(torch.empty(full_shape, dtype=p.dtype, device=draw_device), generator)
+        if sliced is not None:
+            full = full[sliced[0]:sliced[1]]
+        if hasattr(p, "to_local"):  # a DTensor: this rank's shard of the full tensor
+            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        (p.to_local() if hasattr(p, "to_local") else p).copy_(full)
+
+
+def _replay_constructor_draws(model: nn.Module) -> None:
+    """A normal build's nn.Linear / nn.Embedding constructors draw their default init from the global generator
+    before `init_weights` overwrites it; on the meta device they draw nothing. Constructing the same layers again on
+    the CPU, one at a time in construction order, advances the generator exactly as the normal build did, so the
+    draws that follow are the same numbers (checked by tests/test_model.py)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="cpu")
+        elif isinstance(m, nn.Embedding):
+            nn.Embedding(m.num_embeddings, m.embedding_dim, device="cpu")
+
+
+def sum_over_ranks(t: torch.Tensor) -> None:
+    """In place: `t` summed over every rank (MoE.count_reducer: the load-balancing counts of the global batch)."""
+    dist.all_reduce(t)
 
 
 def _fully_shard(model: nn.Module, layout: Layout, ep_mesh, p, param_dtype) -> None:

@@ -99,14 +99,15 @@ class Callback:
         pass
 
 
-MonitorFactory = Callable[[MonitoringConfig, int], list[Callback]]  # (cfg.monitoring, log_interval) -> monitors
+# (cfg.monitoring, trainer.log_interval, engine.params_readable) -> the monitors, in hook order
+MonitorFactory = Callable[[MonitoringConfig, int, bool], list[Callback]]
 
 
 @dataclass(frozen=True)
 class Instrumentation:
     """What the composition root (train.py) plugs into the trainer; the core never imports monitoring/."""
 
-    build_monitors: MonitorFactory = lambda cfg, log_interval: []  # default: no monitors
+    build_monitors: MonitorFactory = lambda cfg, log_interval, params_readable: []  # default: no monitors
     render_matrix: Optional[Callable[[list, str], Any]] = None  # nested-list metric -> image for W&B
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -362,7 +362,7 @@ class Trainer:
         """The single-device model, built on this device (or on meta, materialised once sharded), parallelized and
         wrapped by its engine; and its training FLOPs per token."""
         cfg, t = self.cfg, self.cfg.trainer
-        if cfg.parallel.meta_init:  # no memory until the engine has sharded it (then model.materialize)
+        if cfg.parallel.meta_init:  # no memory until parallelize has sharded it (then materialise)
             with torch.device("meta"):
                 model = Transformer(cfg.model, self.backend)
         else:
@@ -400,10 +400,7 @@ class Trainer:
     def _callbacks(self, engine, valid_ds, step: int, flops_per_token: float) -> tuple[CallbackList, TrainContext]:
         """The preemption callback first, the monitors (what the engine lets them read), the profiler last."""
         cfg, t = self.cfg, self.cfg.trainer
-        monitoring = cfg.monitoring
-        if not engine.params_readable and monitoring.grad_norms.param_norms:
-            monitoring = replace(monitoring, grad_norms=replace(monitoring.grad_norms, param_norms=False))
-        monitors = self.instrumentation.build_monitors(monitoring, t.log_interval)
+        monitors = self.instrumentation.build_monitors(cfg.monitoring, t.log_interval, engine.params_readable)
         probes = cfg.parallel.tp == 1 and engine.params_readable
         if not probes and monitors:
             log.warning("%s: probe monitors (attention logits, sinks, value RMS)%s are off%s",

@@ -4,12 +4,13 @@ before loading data or building the model into one ValueError line that names th
 train.py runs it before anything else, and launch/ runs it for the job's task count before submitting; the schema it
 checks lives in diffv2/config.py, the head-count and tensor-parallel rules it shares with the model in
 diffv2/model/heads.py and diffv2/parallel/tensor.py, the batch rule it shares with DeepSpeed's JSON in
-diffv2/parallel/dist.py (`accumulation_steps`); the grad-norm monitor checks its update sample here
-(`validate_update_sample`).
+diffv2/parallel/dist.py (`accumulation_steps`). Each monitor's own keys are checked by its config class in
+monitoring/ (monitoring/spec.py), which `validate_monitoring` calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def _choice(key: str, value: str, options: tuple) -> None:
         raise ValueError(f"{key}={value!r} is not one of {', '.join(options)}")
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+def positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -43,27 +44,27 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("trainer.nonfinite", t.nonfinite, ("skip", "stop", "ignore"))
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("auto", "online", "offline", "disabled"))
     for key in ("d_model", "n_layers", "head_dim", "ffn_hidden", "vocab_size", "max_seq_len", "ce_chunk"):
-        _positive(f"model.{key}", getattr(m, key))
+        positive(f"model.{key}", getattr(m, key))
     for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval", "eval_batches", "max_bad_steps",
                 "preempt_check_interval"):
-        _positive(f"trainer.{key}", getattr(t, key))
+        positive(f"trainer.{key}", getattr(t, key))
     for key in ("eval_interval", "ckpt_interval"):
         if getattr(t, key) < -1:
             raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= -1 (-1 = never, 0 = only at the end)")
-    _positive("monitoring.observed_micro_batches", cfg.monitoring.observed_micro_batches, allow_zero=True)
+    positive("monitoring.observed_micro_batches", cfg.monitoring.observed_micro_batches, allow_zero=True)
     for key in ("keep_last", "profile_start"):
-        _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
-    _positive("trainer.profile_steps", t.profile_steps)
+        positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
+    positive("trainer.profile_steps", t.profile_steps)
     if t.profile_start and t.profile_start + t.profile_steps - 1 > t.max_steps:
         raise ValueError(f"trainer.profile_start={t.profile_start} with trainer.profile_steps={t.profile_steps} ends "
                          f"after trainer.max_steps={t.max_steps}; start the profile earlier or profile fewer steps")
-    _positive("optim.lr", o.lr)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
-    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    _positive("data.seq_len", cfg.data.seq_len)
-    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    _positive("optim.eps", o.eps)
+    positive("optim.lr", o.lr)
+    positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    positive("data.seq_len", cfg.data.seq_len)
+    positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    positive("optim.eps", o.eps)
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(o, key) < 1:
             raise ValueError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
@@ -112,10 +113,10 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     _choice("parallel.data_parallel", p.data_parallel, ("shard", "hybrid", "replicate"))
     _choice("parallel.activation_checkpoint", p.activation_checkpoint, ("none", "full", "selective"))
     _choice("parallel.meta_init_draw", p.meta_init_draw, ("cpu", "device"))
-    _positive("parallel.tp", p.tp)
-    _positive("parallel.ac_every", p.ac_every)
-    _positive("parallel.timeout_s", p.timeout_s)
-    _positive("parallel.shard_group_size", p.shard_group_size, allow_zero=True)
+    positive("parallel.tp", p.tp)
+    positive("parallel.ac_every", p.ac_every)
+    positive("parallel.timeout_s", p.timeout_s)
+    positive("parallel.shard_group_size", p.shard_group_size, allow_zero=True)
     if world_size % p.tp:
         raise ValueError(f"parallel.tp={p.tp} does not divide the world size {world_size}; launch a multiple of "
                          f"{p.tp} processes or change parallel.tp")
@@ -125,7 +126,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         from diffv2.parallel.tensor import validate_tp
 
         validate_tp(cfg.model, p.tp)
-    _positive("parallel.ep", p.ep)
+    positive("parallel.ep", p.ep)
     if p.ep > 1:
         dp = world_size // p.tp
         if p.engine != "fsdp" or p.data_parallel != "shard" or p.tp > 1:
@@ -151,7 +152,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
 
 def validate_moe(m: ModelConfig) -> None:
     e = m.moe
-    _positive("model.moe.n_experts", e.n_experts, allow_zero=True)
+    positive("model.moe.n_experts", e.n_experts, allow_zero=True)
     if e.n_experts == 0:
         return
     _choice("model.moe.router", e.router, MOE_ROUTERS)
@@ -159,9 +160,9 @@ def validate_moe(m: ModelConfig) -> None:
     _choice("model.moe.experts_impl", e.experts_impl, MOE_EXPERT_IMPLS)
     if not 1 <= e.top_k <= e.n_experts:
         raise ValueError(f"model.moe.top_k={e.top_k} must be in [1, model.moe.n_experts={e.n_experts}]")
-    _positive("model.moe.expert_hidden", e.expert_hidden)
+    positive("model.moe.expert_hidden", e.expert_hidden)
     for key in ("n_shared_experts", "capacity_factor", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-        _positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
+        positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
     if e.balance == "aux_free" and e.bias_update_rate == 0:
         raise ValueError("model.moe.bias_update_rate=0 never moves the expert bias; set it > 0 (e.g. 1e-3) for "
                          "model.moe.balance=aux_free")
@@ -170,32 +171,11 @@ def validate_moe(m: ModelConfig) -> None:
                          "set model.param_match=false with model.moe.n_experts > 0")
 
 
-def validate_update_sample(k: int) -> None:
-    """The grad-norm monitor's update sample (monitoring/grad_norms.py): every k-th element, k >= 1."""
-    if k < 1:
-        raise ValueError(f"monitoring.grad_norms.update_sample={k} must be >= 1 (1 = exact, a full parameter copy; "
-                         f"k keeps every k-th element of large tensors)")
-
-
 def validate_monitoring(mon: MonitoringConfig) -> None:
-    _positive("monitoring.probe_sequences", mon.probe_sequences)
-    for name in ("grad_norms", "activations", "attention_logits", "context_rms", "lambdas", "attention_sinks",
-                 "spikes", "moe"):
-        _positive(f"monitoring.{name}.interval", getattr(mon, name).interval)
-    _positive("monitoring.perf.interval", mon.perf.interval, allow_zero=True)
-    validate_update_sample(mon.grad_norms.update_sample)
-    for name in ("context_rms", "lambdas"):
-        sub = getattr(mon, name)
-        if sub.heatmap_interval <= 0 or sub.heatmap_interval % sub.interval:
-            raise ValueError(
-                f"monitoring.{name}.heatmap_interval={sub.heatmap_interval} must be a positive multiple of "
-                f"monitoring.{name}.interval={sub.interval}"
-            )
-    _positive("monitoring.activations.top_k", mon.activations.top_k)
-    s = mon.spikes
-    _positive("monitoring.spikes.k", s.k)
-    _positive("monitoring.spikes.score_window", s.score_window)
-    if s.window < 2:
-        raise ValueError(f"monitoring.spikes.window={s.window} must be >= 2 (the rolling std needs two values)")
-    if s.warmup_steps < 2:
-        raise ValueError(f"monitoring.spikes.warmup_steps={s.warmup_steps} must be >= 2 so the window has a std")
+    """The fields every monitor shares, then each monitor's own checks (its config's `validate`, declared beside
+    the monitor in monitoring/: the core names no monitor)."""
+    positive("monitoring.probe_sequences", mon.probe_sequences)
+    for f in dataclasses.fields(mon):
+        sub = getattr(mon, f.name)
+        if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
+            sub.validate(f"monitoring.{f.name}")
