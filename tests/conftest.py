@@ -1,4 +1,6 @@
-"""Shared test settings: never talk to W&B from tests; one intra-op thread in the test process."""
+"""Shared test settings: never talk to W&B from tests; one intra-op thread in the test process; under pytest-xdist
+(`-n 2 --dist loadgroup`, the README's test command) the SLURM tests share one worker, so the one-node cluster runs
+one of their jobs at a time."""
 
 import os
 
@@ -17,3 +19,9 @@ def _single_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
