@@ -136,9 +136,10 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         if dp % p.ep or cfg.model.moe.n_experts % p.ep:
             raise ValueError(f"parallel.ep={p.ep} must divide the {dp} data-parallel ranks and model.moe.n_experts="
                              f"{cfg.model.moe.n_experts}")
-    if p.data_parallel == "hybrid" and p.shard_group_size and (world_size // p.tp) % p.shard_group_size:
-        raise ValueError(f"parallel.shard_group_size={p.shard_group_size} does not divide the "
-                         f"{world_size // p.tp} data-parallel ranks; use a divisor (usually the GPUs per node)")
+    if p.data_parallel == "hybrid" and p.shard_group_size:  # (0, the GPUs per node, is checked once they are known)
+        from diffv2.parallel.parallelize import dp_layout  # the mesh's own rule and message
+
+        dp_layout(p.data_parallel, world_size // p.tp, p.shard_group_size)
     if p.engine == "deepspeed":
         if p.deepspeed.zero_stage not in (1, 2, 3):
             raise ValueError(f"parallel.deepspeed.zero_stage={p.deepspeed.zero_stage} must be 1, 2 or 3")
