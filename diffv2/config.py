@@ -207,9 +207,13 @@ def register_configs(monitoring: type = MonitoringConfig) -> type:
 
     from hydra.core.config_store import ConfigStore
 
-    config = Config if monitoring is MonitoringConfig else make_dataclass(
-        "Config", [("monitoring", monitoring, field(default_factory=monitoring))], bases=(Config,),
-        namespace={"__module__": monitoring.__module__, "__doc__": Config.__doc__})
+    config = Config if monitoring is MonitoringConfig else vars(monitoring).get("Config")  # made once per schema
+    if config is None:  # reachable for pickle as <monitoring's qualified name>.Config
+        namespace = {"__module__": monitoring.__module__, "__qualname__": f"{monitoring.__qualname__}.Config",
+                     "__doc__": Config.__doc__}
+        config = make_dataclass("Config", [("monitoring", monitoring, field(default_factory=monitoring))],
+                                bases=(Config,), namespace=namespace)
+        monitoring.Config = config
     cs = ConfigStore.instance()
     cs.store(name="schema", node=config)
     cs.store(group="model", name="schema", node=ModelConfig)

@@ -54,8 +54,17 @@ def schema(found: Optional[tuple[MonitorSpec, ...]] = None) -> type:
     """MonitoringConfig with one field per monitor (monitoring.<name>: its config class with its defaults), for
     diffv2.config.register_configs(monitoring=schema()); `found`: other specs than monitoring/'s (tests)."""
     fields = [(s.name, s.config, dataclasses.field(default_factory=s.config)) for s in found or specs()]
-    return dataclasses.make_dataclass("MonitoringConfig", fields, bases=(MonitoringConfig,),
-                                      namespace={"__module__": __name__, "__doc__": MonitoringConfig.__doc__})
+    # Named MonitoringConfig in messages; pickled (Hydra's submitit launcher ships composed configs) by the
+    # qualified name below, which this module's __getattr__ resolves.
+    return dataclasses.make_dataclass("MonitoringConfig", fields, bases=(MonitoringConfig,), namespace={
+        "__module__": __name__, "__qualname__": "MonitoringSchema", "__doc__": MonitoringConfig.__doc__})
+
+
+def __getattr__(name: str):
+    """`monitoring.build.MonitoringSchema`: schema(), so that configs composed with it pickle and unpickle."""
+    if name == "MonitoringSchema":
+        return schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_monitors(cfg: MonitoringConfig, log_interval: int = 10, params_readable: bool = True,

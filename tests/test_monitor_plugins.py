@@ -122,3 +122,17 @@ def test_parameter_norms_follow_the_engine():
     assert grad.param_norms is False
     grad = {m.name: m for m in build.build_monitors(cfg, params_readable=True)}["grad_norms"]
     assert grad.param_norms is True
+
+
+def test_a_composed_config_pickles():
+    """Hydra's submitit launcher (hydra/launcher=slurm) pickles the composed config into each job: the generated
+    schema classes must be found again by their qualified names, as a config of plain classes would be."""
+    import pickle
+
+    config = register_configs(monitoring=build.schema())
+    assert register_configs(monitoring=build.schema()) is config  # one class per schema, however often registered
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        composed = compose("config", overrides=["monitoring.spikes.window=7"])
+    back = OmegaConf.to_object(pickle.loads(pickle.dumps(composed)))
+    assert type(back) is config and back.monitoring.spikes.window == 7
+    assert pickle.loads(pickle.dumps(back)) == back
