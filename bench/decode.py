@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffv2.model import attention  # noqa: E402
+from diffv2.infer.fused_combine import install_fused_combine  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.model.flops import attention_params, effective_config, mlp_params  # noqa: E402
 from diffv2.infer.inference import cast_weights  # noqa: E402
@@ -210,10 +210,9 @@ def main() -> None:
         sys.exit("bench/decode.py needs a CUDA GPU (it times bf16 decode steps in CUDA graphs); nothing was measured")
     device = torch.device("cuda")
     models = build_models(args.layers, max(args.contexts), device)
-    if args.eager_combine:  # every layer's fused combine replaced by the eager function
+    if not args.eager_combine:  # as load_model does: DIFF V2's combine in one kernel (--eager-combine: op by op)
         for model in models.values():
-            for block in model.blocks:
-                block.attn.fused_combine = attention.combine
+            install_fused_combine(model)
     rows = []
     for batch in args.batches:
         for context in args.contexts:

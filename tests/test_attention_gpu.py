@@ -319,13 +319,18 @@ def test_auto_backend_resolves_and_runs():
 
 
 def test_inference_uses_the_fused_combine_and_matches_training_forward(monkeypatch):
-    """Without autograd on a GPU, DIFF V2 combines through the compiled one-kernel `fused_combine` (decode,
-    generation, evaluation); its output equals the training forward's eager combine within one bf16 rounding step."""
+    """With the fused combine installed (load_model does it), DIFF V2 combines through the compiled one-kernel
+    version without autograd on a GPU (decode, generation, evaluation) and through the eager function with it; the
+    output equals the training forward's eager combine within one bf16 rounding step."""
+    from diffv2.infer import fused_combine
+
     used = []
     B, N, D, h, h_kv, d = 2, 64, 512, 8, 2, 64
     m = make_bf16_attention(D, h, h_kv, d, "cudnn" if is_hopper() else "math")
-    real = m.fused_combine
-    monkeypatch.setattr(m, "fused_combine", lambda *args: used.append(torch.is_grad_enabled()) or real(*args))
+    real = fused_combine.install_fused_combine(m)
+    compiled = fused_combine._compiled_combine()
+    monkeypatch.setattr(fused_combine, "_compiled_combine",
+                        lambda: lambda *args: used.append(torch.is_grad_enabled()) or compiled(*args))
     x = torch.randn(B, N, D, device=DEV, dtype=torch.bfloat16)
     y_train = m(x)
     with torch.no_grad():

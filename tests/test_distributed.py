@@ -271,9 +271,10 @@ def _train_processes(run_dir: Path) -> list[int]:
 
 
 def test_tensor_parallel_train_py_like_one(tmp_path, reference):
-    """parallel.tp=2 through train.py (each rank holds half of every block's heads and MLP columns)."""
+    """parallel.tp=2 through train.py (each rank holds half of every block's heads and MLP columns). With QK-norm:
+    the norm weights every head shares get their gradient summed over the TP ranks by the engine."""
     _, cache = reference
-    heads = ["model.n_kv_heads=2"]  # tp must divide the KV heads (spec R5)
+    heads = ["model.n_kv_heads=2", "model.attention.qk_norm=true"]  # tp must divide the KV heads (spec R5)
     one, two = side_by_side(lambda: single(tmp_path / "one", cache, *heads),
                             lambda: torchrun(tmp_path / "tp", cache, *heads, "parallel.tp=2"))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]

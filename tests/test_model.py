@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from diffv2.model.attention import Attention, FusedCombine, combine, lambda_init  # noqa: E402
+from diffv2.infer.fused_combine import FusedCombine, _compiled_combine  # noqa: E402
+from diffv2.model.attention import Attention, combine, lambda_init  # noqa: E402
 from diffv2.config import AttentionConfig, ModelConfig  # noqa: E402
 from diffv2.model.flops import attention_core_flops, attention_params, count, mlp_params  # noqa: E402
 from diffv2.model.heads import validate_heads  # noqa: E402
@@ -105,7 +106,9 @@ def test_fused_combine_matches_eager_on_strided_pair_views(lambda_mode):
     lam_BNH = torch.randn(3, 5, 4).bfloat16()
     a1, a2 = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
     fused = FusedCombine()
-    ctx, scale = fused(a1, a2, lam_BNH, lambda_mode, fp32)
+    assert fused(a1, a2, lam_BNH, lambda_mode, fp32)[0].equal(combine(a1, a2, lam_BNH, lambda_mode, fp32)[0]), \
+        "off a GPU FusedCombine is the eager function"
+    ctx, scale = _compiled_combine()(a1, a2, lam_BNH, lambda_mode, fp32)
     ctx_ref, scale_ref = combine(a1, a2, lam_BNH, lambda_mode, fp32)
     assert not fused.broken, "the compiled combine fell back to eager"
     assert ctx.dtype == ctx_ref.dtype == torch.bfloat16 and ctx.shape == ctx_ref.shape == (3, 5, 4, 16)

@@ -34,8 +34,8 @@ ALLOWED = {
     "diffv2.model.kernels.fa4_unavailable": "lru_cache: why FlashAttention-4 cannot run here, a fact of the process",
     "diffv2.model.kernels._compiled_flex": "lru_cache: flex_attention compiled once per process (a pure function)",
     "diffv2.model.loss._compiled_chunk": "lru_cache: the cross-entropy chunk compiled once per process (a pure function)",
-    "diffv2.model.attention._compiled_combine": "lru_cache: DIFF V2's combine compiled once per process; the fall-back "
-                                          "flag is per model (FusedCombine)",
+    "diffv2.infer.fused_combine._compiled_combine": "lru_cache: DIFF V2's combine compiled once per process; the "
+                                                    "fall-back flag is per model (FusedCombine)",
     "monitoring.build.specs": "lru_cache: the monitor modules of the installed monitoring/ package, a fact of the "
                               "process",
     "monitoring.build.schema": "lru_cache: the monitoring config class made from those modules (a pure function)",

@@ -19,6 +19,7 @@ from diffv2.train import checkpoint
 
 from diffv2 import safe_load
 from diffv2.config import AttentionConfig, ModelConfig, MoEConfig
+from diffv2.infer.fused_combine import install_fused_combine
 from diffv2.model.kernels import resolve_backend
 from diffv2.model.transformer import Transformer
 
@@ -87,6 +88,7 @@ def load_model(ckpt: Path, device: torch.device, backend: str = "auto") -> Trans
     state = get_model_state_dict(model)
     safe_load.dcp_load({"model": state}, ckpt)  # never unpickles objects other than DCP metadata and plain data
     set_model_state_dict(model, state)
+    install_fused_combine(model)  # DIFF V2's pair combine in one kernel on a GPU without autograd
     return model.eval()
 
 

@@ -6,7 +6,6 @@ H output heads (h), Q query heads, K kv heads, D head_dim.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import TYPE_CHECKING, Callable, Optional
@@ -20,11 +19,6 @@ from diffv2.model.heads import output_heads, query_heads, validate_heads
 from diffv2.model.kernels import causal_attention
 from diffv2.model.recompute import recomputing
 from diffv2.model.rope import RotaryEmbedding
-
-try:
-    from torch.distributed.tensor import DTensor, Partial
-except ImportError:  # torch built without distributed: no tensor parallelism, every parameter is plain
-    DTensor = Partial = None
 
 if TYPE_CHECKING:
     from diffv2.model.kv_cache import KVCache
@@ -40,16 +34,6 @@ def lambda_init(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
 
-def tp_local(p: torch.Tensor) -> torch.Tensor:
-    """p itself, or this rank's copy of a parameter replicated over the TP ranks (a Replicate DTensor, see
-    diffv2/parallel/tensor.py). Each rank's heads give part of its gradient, so backward all-reduces it (the
-    redistribute turns the Partial gradient back into the parameter's Replicate placement)."""
-    if DTensor is None or not isinstance(p, DTensor):
-        return p
-    grad = [Partial() if pl.is_replicate() else pl for pl in p.placements]
-    return p.redistribute(placements=p.placements).to_local(grad_placements=grad)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, affine: bool = True):
         super().__init__()
@@ -58,14 +42,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps).type_as(x)
-        return y * tp_local(self.weight) if self.weight is not None else y
+        return y * self.weight if self.weight is not None else y
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "math",
-                 fused_combine: Optional[FusedCombine] = None):
-        """`fused_combine`: the model's compiled combine for GPU inference (shared by its layers); None: this layer
-        makes its own."""
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "math"):
         super().__init__()
         validate_heads(cfg)
         a: AttentionConfig = cfg.attention
@@ -91,7 +72,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.norm_eps) if a.qk_norm else None
         self.rope = RotaryEmbedding(d, cfg.max_seq_len, a.rope_theta, a.rope_style)
         self.observer: Optional[Observer] = None
-        self.fused_combine = FusedCombine() if fused_combine is None else fused_combine
+        # How a DIFF V2 pair is combined: `combine` below; GPU inference installs its one-kernel version from outside
+        # (diffv2/infer/fused_combine.py).
+        self.combine_fn: Callable = combine
 
     def forward(self, x_BNM: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, observe: Optional[bool] = None) -> torch.Tensor:
@@ -136,11 +119,8 @@ class Attention(nn.Module):
             attn1_BNHD, attn2_BNHD = attn_BNQD[:, :, 0::2], attn_BNQD[:, :, 1::2]
         else:  # ablation 1 (spec R3): pairs across groups
             attn1_BNHD, attn2_BNHD = attn_BNQD.chunk(2, dim=2)
-        # Eager inference on a GPU: one kernel (a compiled block fuses the combine itself; bf16 mode: op by op)
-        fuse = (attn_BNQD.is_cuda and not torch.is_grad_enabled() and self.cfg.combine_fp32
-                and not torch.compiler.is_compiling())
-        combine_fn = self.fused_combine if fuse else combine
-        ctx_BNHD, scale_BNH = combine_fn(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode, self.cfg.combine_fp32)
+        ctx_BNHD, scale_BNH = self.combine_fn(attn1_BNHD, attn2_BNHD, lam_BNH, self.cfg.lambda_mode,
+                                              self.cfg.combine_fp32)
         if observe:
             self._emit(dict(context=ctx_BNHD, attn1=attn1_BNHD, attn2=attn2_BNHD, lambda_scale=scale_BNH))
         return ctx_BNHD
@@ -157,7 +137,7 @@ class Attention(nn.Module):
                   for vh in (v_BLKE[..., :d], v_BLKE[..., d:])]
         attn_BNQE = torch.cat(halves, dim=-1)
         attn1_BNHE, attn2_BNHE = attn_BNQE.chunk(2, dim=2)
-        lq1, lk1, lq2, lk2 = (tp_local(p) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        lq1, lk1, lq2, lk2 = self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2
         lam = (
             torch.exp(torch.dot(lq1.float(), lk1.float())) - torch.exp(torch.dot(lq2.float(), lk2.float()))
             + self.lambda_init
@@ -183,39 +163,6 @@ class Attention(nn.Module):
         decided to observe, the statistics are dropped."""
         if self.observer is not None and not recomputing():
             self.observer(self.layer_idx, stats)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_combine() -> Callable:
-    """`combine` compiled with dynamic shapes (one compilation for every batch and length), memoized: one compiled
-    callable per process, however many models use it (same pattern as kernels._compiled_flex)."""
-    return torch.compile(combine, dynamic=True, fullgraph=True)
-
-
-class FusedCombine:
-    """`combine` compiled into one kernel, for inference on a GPU (decode, generation, evaluation).
-
-    Eager, the combination is ~7 kernels per layer (the λ and two strided-view casts, sigmoid, product, difference,
-    the cast back); at decode batch 16 those launches alone, ~0.3 ms per step over 16 layers, were most of DIFF V2's
-    extra time per token (docs/inference.md). Compiled blocks (training) fuse it already, and autograd keeps the
-    eager function. If compilation fails, `broken` is set and the eager function is used from then on by this
-    object, with one warning. One object per model (the Transformer passes its own to every Attention layer; a
-    standalone Attention makes its own). Used with `combine_fp32` only: the activation-dtype mode rounds after every
-    op, which a fused kernel (fp32 inside) does not reproduce."""
-
-    def __init__(self) -> None:
-        self.broken = False
-
-    def __call__(self, *args):
-        if self.broken:
-            return combine(*args)
-        try:
-            return _compiled_combine()(*args)
-        except Exception as e:  # noqa: BLE001 (any compiler failure): the eager function is exact
-            self.broken = True
-            log.warning("fused DIFF V2 combine unavailable (%s: %s); using eager kernels", type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
-            return combine(*args)
 
 
 def combine(attn1_BNHD, attn2_BNHD, lam_BNH, lambda_mode: str, fp32: bool):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffv2.model.attention import Attention, FusedCombine, RMSNorm
+from diffv2.model.attention import Attention, RMSNorm
 from diffv2.model.ffn import SwiGLU
 from diffv2.config import ModelConfig
 from diffv2.model.loss import linear_cross_entropy
@@ -25,11 +25,10 @@ if TYPE_CHECKING:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str,
-                 fused_combine: Optional[FusedCombine] = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_idx, backend, fused_combine)
+        self.attn = Attention(cfg, layer_idx, backend)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         moe = cfg.moe.n_experts > 0
         self.mlp = MoE(cfg.d_model, cfg.moe, layer_idx) if moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
@@ -49,8 +48,7 @@ class Transformer(nn.Module):
         cfg = effective_config(cfg)  # applies param_match (spec A2)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.fused_combine = FusedCombine()  # GPU inference's compiled DIFF V2 combine, shared by every layer
-        self.blocks = nn.ModuleList(Block(cfg, i, backend, self.fused_combine) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, backend) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Per-block outputs go here when set (activation monitoring); None costs nothing.
@@ -123,11 +121,8 @@ class Transformer(nn.Module):
         return self.norm(x_BNM)
 
     def forward(self, tokens_BN: torch.Tensor, doc_ids_BN: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, labels_BN: Optional[torch.Tensor] = None):
-        """Full logits (B, N, V); for inference and tests. Training uses `loss`. With labels_BN: `loss`'s triple,
-        for wrappers that can only call forward (DeepSpeed: ZeRO-3 gathers parameters in forward hooks)."""
-        if labels_BN is not None:
-            return Transformer.loss(self, tokens_BN, labels_BN, doc_ids_BN)  # the class's, even if patched per instance
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Full logits (B, N, V); for inference and tests. Training uses `loss`."""
         return F.linear(self.hidden(tokens_BN, doc_ids_BN, cache), self.lm_head_weight)
 
     def loss(self, tokens_BN, labels_BN, doc_ids_BN=None):

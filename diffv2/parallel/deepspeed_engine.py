@@ -6,9 +6,11 @@ our batch sizes. The engine's JSON is `engine.ds_config` (the trainer writes it 
 
 How the loop's calls map onto DeepSpeed:
   - `engine.model` is the Transformer itself (names, observers and methods as on one device) whose `loss` is
-    patched per instance to go through DeepSpeed's forward (`Transformer.forward(..., labels_BN=y)`): ZeRO-3
-    gathers parameters in forward hooks, so calling the unwrapped `loss` would see empty shards. The lm_head weight
-    is used outside lm_head's forward and is registered as an external parameter of the Transformer.
+    patched per instance to go through DeepSpeed's forward: ZeRO-3 gathers parameters in forward hooks, so calling
+    the unwrapped `loss` would see empty shards. Its class becomes `LossForward`, a Transformer whose forward also
+    takes `labels_BN` and then returns `loss`'s triple (names, methods and isinstance unchanged; the model code
+    knows nothing of it). The lm_head weight is used outside lm_head's forward and is registered as an external
+    parameter of the Transformer.
   - `backward(loss, last_micro)`: the loop already divides by the accumulation steps, so DeepSpeed must not
     (`scale_wrt_gas=False`); the boundary is set explicitly, so gradients are reduced on the last micro-batch
     (and readable by monitors before `optimizer_step`) however many micro-batches the loop runs.
@@ -46,6 +48,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from diffv2.model.transformer import Transformer
 from diffv2.optim import build_optimizer, param_groups
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.engine import Engine, tensor_bytes
@@ -125,6 +128,16 @@ def _ensure_env() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
+class LossForward(Transformer):
+    """The model under DeepSpeed: forward with `labels_BN` is `loss` (DeepSpeed's hooks and casts run around
+    forward only); without, the logits as always."""
+
+    def forward(self, tokens_BN, doc_ids_BN=None, cache=None, labels_BN=None):
+        if labels_BN is None:
+            return Transformer.forward(self, tokens_BN, doc_ids_BN, cache)
+        return Transformer.loss(self, tokens_BN, labels_BN, doc_ids_BN)  # the class's: `loss` is patched below
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     supports_undo = False  # see the module doc: trainer.nonfinite=skip falls back to detection / stop
@@ -152,6 +165,8 @@ class DeepSpeedEngine(Engine):
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, [type(model.moe_layers()[0])])
+        if type(model) is Transformer:
+            model.__class__ = LossForward  # before initialize: DeepSpeed's hooks wrap the forward it calls
         ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                       dist_init_required=not torch.distributed.is_initialized())
         self.ds, self.stage, self.device = ds, ds.zero_optimization_stage(), device

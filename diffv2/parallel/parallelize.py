@@ -44,6 +44,8 @@ class Layout:
     mesh: Optional[object] = None  # the (dp_replicate, dp_shard, tp) DeviceMesh; None on one device / DeepSpeed
     disjoint: DisjointMeshes = field(default_factory=DisjointMeshes)  # meshes whose outside ranks hold other values
     ep_suffix: str = ""  # ".ep<rank>of<ep>": expert parameters' names in checkpoints under expert parallelism
+    head_shared: tuple[str, ...] = ()  # under TP: parameters whose gradients the engine sums over the TP ranks
+    tp_group: Optional[object] = None  # the TP process group (tp > 1)
     text: str = "single device"  # for the start-up line
 
     @property
@@ -85,9 +87,10 @@ def parallelize(model: nn.Module, cfg, device: torch.device, param_dtype: Option
                         text=f"FSDP2 {p.data_parallel} (replicate {replicate} x shard {shard}) x tp {p.tp}, "
                              f"{pdist.world_size()} ranks")
         if p.tp > 1:  # 1. tensor parallelism
-            from diffv2.parallel.tensor import apply_tensor_parallel
+            from diffv2.parallel.tensor import apply_tensor_parallel, head_shared
 
             apply_tensor_parallel(model, mesh["tp"])
+            layout.head_shared, layout.tp_group = tuple(head_shared(model)), mesh["tp"].get_group()
         if p.ep > 1:  # 2. expert parallelism
             from diffv2.parallel.expert import apply_expert_parallel
 

@@ -5,13 +5,14 @@
   when tp divides the KV heads, so DIFF V2 pairs (2i, 2i+1), their lambda rows and o_proj's input columns are
   rank-local and the differential combination needs no communication (spec R5; T14 checks it);
 - SwiGLU: gate/up colwise, down rowwise;
-- per-head weights shared by every head (QK-norm over head_dim, DIFF V1's lambda vectors and sub-LN) become
-  Replicate DTensors: each rank's heads give part of their gradient, which the forward's `tp_local` sums over the
-  ranks in backward, so they stay identical on every rank.
+- weights shared by every head (QK-norm over head_dim, DIFF V1's lambda vectors and sub-LN) stay plain tensors,
+  identical on every rank; each rank's heads give only part of their gradient, so the engine sums those gradients
+  over the TP ranks once per optimizer step, after the last micro-batch's backward (`sum_head_shared_grads`, as
+  Megatron's finalize_model_grads all-reduces its sequence-parallel norm weights). The model reads them like any
+  other weight: no DTensor code in it.
 Embedding, the final norm and lm_head stay plain replicated tensors, as do the blocks' pre-norms: every rank sees the
-same residual stream (no sequence parallelism), and each attention / MLP input's gradient is all-reduced once.
-Keep them plain: RMSNorm reads a DTensor weight through `tp_local`, which would sum their (already full, identical)
-gradients over the ranks.
+same residual stream (no sequence parallelism), and each attention / MLP input's gradient is all-reduced once, so
+their gradients are already full (they are not summed again).
 
 Refused (one-line ValueError from `validate_tp`): MoE blocks (shard them with expert parallelism instead,
 diffv2/parallel/expert.py) and pairing=half_split (ablation 1 pairs head i with head i+h, which a contiguous shard
@@ -29,9 +30,11 @@ Legend: B batch, N sequence, M d_model.
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -78,15 +81,27 @@ def validate_tp(model_cfg: ModelConfig, tp: int) -> None:
                          f"groups, so differential pairs and their lambda stay rank-local); use tp in {ok}")
 
 
-class ReplicateParams(ParallelStyle):
-    """Turn a module's own parameters into Replicate DTensors (the forward reads them through `tp_local`)."""
+# Parameters of an attention module that every head uses (their gradient is summed over the TP ranks).
+HEAD_SHARED = ("q_norm.weight", "k_norm.weight", "subln.weight", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name, p in list(module.named_parameters(recurse=False)):
-            if not isinstance(p, DTensor):
-                dp = distribute_tensor(p.detach(), device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
-                module.register_parameter(name, nn.Parameter(dp, requires_grad=p.requires_grad))
-        return module
+
+def head_shared(model: nn.Module) -> list[str]:
+    """Names of the parameters whose gradient each TP rank holds only part of (see the module docstring)."""
+    return [name for name, _ in model.named_parameters()
+            if ".attn." in name and name.split(".attn.", 1)[1] in HEAD_SHARED]
+
+
+@torch.no_grad()
+def sum_head_shared_grads(params: list[torch.Tensor], group) -> None:
+    """Sum the gradients of `params` (the `head_shared` ones, possibly FSDP2 shards) over the TP `group`, in one
+    all-reduce. Call it once per optimizer step, after the last micro-batch's backward."""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, group=group)
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
 
 
 def _block_plan(block: nn.Module) -> dict[str, ParallelStyle]:
@@ -107,9 +122,6 @@ def _block_plan(block: nn.Module) -> dict[str, ParallelStyle]:
     }
     if attn.lambda_proj is not None:
         plan["attn.lambda_proj"] = ColwiseParallel()  # rows of the local output heads
-    for norm in ("q_norm", "k_norm", "subln"):  # one weight over head_dim (or 2d) shared by all heads
-        if getattr(attn, norm, None) is not None:
-            plan[f"attn.{norm}"] = ReplicateParams()
     return plan
 
 
@@ -129,9 +141,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     for block in model.blocks:
         attn = block.attn
         parallelize_module(block, tp_mesh, _block_plan(block))
-        parallelize_module(attn, tp_mesh, ReplicateParams())  # DIFF V1 lambda_q1/k1/q2/k2: one lambda per layer
         attn.n_q, attn.n_out, attn.n_kv, attn.tp = attn.n_q // tp, attn.n_out // tp, attn.n_kv // tp, tp
-        plain = [n for n, p in [*attn.named_parameters(), *block.mlp.named_parameters()] if not isinstance(p, DTensor)]
+        plain = [n for n, p in [*attn.named_parameters(), *block.mlp.named_parameters()]
+                 if not isinstance(p, DTensor) and n not in HEAD_SHARED]
         if plain:  # a parameter no plan covers would silently get a partial gradient
             raise ValueError(f"tensor parallelism has no plan for {plain} in block {attn.layer_idx}; "
                              f"add it to diffv2/parallel/tensor.py")
