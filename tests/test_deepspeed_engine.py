@@ -45,15 +45,21 @@ RUNS = [("zero1", 1, "fp32", False, {}), ("zero2", 2, "fp32", False, {}),
         # which a one-process reference accumulating micro-batches does not reproduce.
         ("zero3_moe", 3, "fp32", False, {"moe": MoEConfig(n_experts=4, top_k=2, expert_hidden=32, n_shared_experts=1,
                                                           balance="none")}),
-        ("zero1_bf16", 1, "bf16", False, {}), ("zero3_bf16", 3, "bf16", False, {})]
+        ("zero1_bf16", 1, "bf16", False, {}), ("zero3_bf16", 3, "bf16", False, {}),
+        # Compiled blocks (trainer.compile=true: parallelize compiles every block before deepspeed.initialize, as for
+        # FSDP2) against the same float64 eager reference; ZeRO-3 gathers parameters in hooks around them.
+        ("zero2_compiled", 2, "fp32", False, {"compile": True}), ("zero3_compiled", 3, "fp32", False, {"compile": True})]
 # ZeRO-Offload steps with DeepSpeedCPUAdam, whose C++ op takes ~4.5 minutes to build on the 2-core CI box: opt-in.
 OFFLOAD_RUNS = [("zero2_offload", 2, "fp32", True, {}), ("zero3_offload", 3, "fp32", True, {})]
 RUN_OFFLOAD = os.environ.get("DIFFV2_TEST_OFFLOAD") == "1"
 SPAWN_TIMEOUT_S = 1800  # a hang guard for the whole spawn (~1-2 minutes on two idle cores), not a time limit
 
 
-def make_cfg(stage: int = 2, precision: str = "fp32", offload: bool = False, **model) -> Config:
+def make_cfg(stage: int = 2, precision: str = "fp32", offload: bool = False, compile: bool = False,
+             **model) -> Config:
+    """`compile`: trainer.compile; `model`: ModelConfig fields."""
     cfg = Config()
+    cfg.trainer.compile = compile
     cfg.model = ModelConfig(d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden=128,
                             vocab_size=101, max_seq_len=64, **model)
     cfg.data.seq_len = SEQ
@@ -211,7 +217,8 @@ def _run(name, stage, precision, offload, overrides, data, ckpt: Path) -> dict:
     t0 = time.perf_counter()
     engine = build_engine(cfg, model, torch.device("cpu"))
     res = {"describe": engine.describe(), "init_s": time.perf_counter() - t0, "ds_config": engine.ds_config,
-           "is_transformer": engine.model is model, "dp": (engine.dp_rank, engine.dp_size)}
+           "is_transformer": engine.model is model, "dp": (engine.dp_rank, engine.dp_size),
+           "compiled_blocks": sum(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)}
     fp32 = precision == "fp32"
     first = _train_steps(engine, cfg, data, range(SAVE_AFTER), record_grads=True)
     if fp32:
@@ -352,6 +359,7 @@ def check_reference(results, run) -> None:
     for rank, res in enumerate(results):
         r = res[name]
         assert r["is_transformer"] and r["dp"] == (rank, WORLD) and f"ZeRO-{stage} (fp32" in r["describe"]
+        assert r["compiled_blocks"] == (cfg.model.n_layers if cfg.trainer.compile else 0), r["compiled_blocks"]
         for step in range(STEPS):
             _close(r["loss"][step], ref["loss"][step], 1e-5, f"rank {rank} step {step} loss")
             _close(r["norm"][step], ref["norm"][step], 1e-4, f"rank {rank} step {step} grad norm")
