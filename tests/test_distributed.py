@@ -94,6 +94,8 @@ def test_two_ranks_train_like_one(reference, tmp_path, layout):
     out = proc.stdout + proc.stderr
     assert out.count("step      6 | loss") == 1, "console lines come from rank 0 only"
     assert checkpoint.read_meta(tmp_path / "two/checkpoints/step_00000006")["world_size"] == 2
+    deepspeed = any(o.startswith("parallel=zero") for o in layout)
+    assert out.count("notice: DeepSpeed ZeRO-2 trained 350m DIFF V2 at 0.64x") == deepspeed, "once, from rank 0"
 
 
 def test_meta_init_device_draws_do_not_depend_on_the_layout(reference, tmp_path):
