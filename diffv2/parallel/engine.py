@@ -151,14 +151,13 @@ class FSDPEngine(Engine):
         self._pending = None
         params = dict(model.named_parameters())  # the sharded parameters (FSDP2 has replaced the originals)
         self._head_shared = [params[name] for name in layout.head_shared]
-        self._tp_group = layout.tp_group
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         loss.backward()
         if last_micro and self._head_shared:  # TP: each rank's heads gave part of these gradients
             from diffv2.parallel.tensor import sum_head_shared_grads
 
-            sum_head_shared_grads(self._head_shared, self._tp_group)
+            sum_head_shared_grads(self._head_shared, self.mesh["tp"].get_group())
 
     def _state(self) -> dict:
         state = super()._state()

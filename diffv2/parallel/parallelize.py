@@ -44,8 +44,7 @@ class Layout:
     mesh: Optional[object] = None  # the (dp_replicate, dp_shard, tp) DeviceMesh; None on one device / DeepSpeed
     disjoint: DisjointMeshes = field(default_factory=DisjointMeshes)  # meshes whose outside ranks hold other values
     ep_suffix: str = ""  # ".ep<rank>of<ep>": expert parameters' names in checkpoints under expert parallelism
-    head_shared: tuple[str, ...] = ()  # under TP: parameters whose gradients the engine sums over the TP ranks
-    tp_group: Optional[object] = None  # the TP process group (tp > 1)
+    head_shared: tuple[str, ...] = ()  # under TP: parameters whose gradients the engine sums over mesh["tp"]
     text: str = "single device"  # for the start-up line
 
     @property
@@ -90,7 +89,7 @@ def parallelize(model: nn.Module, cfg, device: torch.device, param_dtype: Option
             from diffv2.parallel.tensor import apply_tensor_parallel, head_shared
 
             apply_tensor_parallel(model, mesh["tp"])
-            layout.head_shared, layout.tp_group = tuple(head_shared(model)), mesh["tp"].get_group()
+            layout.head_shared = tuple(head_shared(model))
         if p.ep > 1:  # 2. expert parallelism
             from diffv2.parallel.expert import apply_expert_parallel
 
