@@ -38,10 +38,11 @@ PARALLEL = {"fsdp": "parallel=fsdp", "ddp": "parallel=ddp", "zero2": "parallel=z
 
 def run(args, engine: str, gpus: int, work: Path) -> dict:
     run_dir = work / f"{engine}-{gpus}"
+    accum = -(-args.global_tokens // (args.micro_batch * gpus * args.seq)) if args.global_tokens else args.accum
     overrides = [
         f"model={args.preset}", f"attention={args.attention}", PARALLEL[engine], f"data.seq_len={args.seq}",
         f"model.max_seq_len={args.seq}", f"trainer.micro_batch_size={args.micro_batch}",
-        f"trainer.global_batch_size={args.micro_batch * gpus * args.accum}", f"trainer.max_steps={args.steps}",
+        f"trainer.global_batch_size={args.micro_batch * gpus * accum}", f"trainer.max_steps={args.steps}",
         f"trainer.log_interval={args.log_interval}", "trainer.eval_interval=-1", "trainer.ckpt_interval=-1",
         f"trainer.compile={str(args.compile).lower()}", "trainer.nonfinite=ignore", "logging.progress=false",
         "logging.wandb.mode=disabled", f"hydra.run.dir={run_dir}", *args.override,
@@ -90,6 +91,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per GPU per step")
+    p.add_argument("--global-tokens", type=int, default=None, metavar="TOKENS",
+                   help="tokens per optimizer step instead of --accum, for every GPU count (accumulation rounded up "
+                        "to reach it); production runs step every ~1-4M tokens (e.g. --global-tokens 1048576)")
     p.add_argument("--steps", type=int, default=80,
                    help="steps per run; tokens/s is the median of the log windows between the first and the last "
                         "(with --compile, the first monitored step compiles its own block variant in an early window: "
@@ -113,7 +117,9 @@ def main() -> None:
                 results.append(run(args, engine, gpus, Path(tmp)))
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "command"}), flush=True)
     one = {r["engine"]: r for r in results if r["gpus"] == 1 and "error" not in r}
-    lines = [f"{args.preset}/{args.attention}, seq {args.seq}, micro-batch {args.micro_batch} per GPU, "
+    per_step = (f"{args.global_tokens:,}+ tokens per optimizer step" if args.global_tokens else
+                f"{args.accum} micro-batches per GPU per optimizer step")
+    lines = [f"{args.preset}/{args.attention}, seq {args.seq}, micro-batch {args.micro_batch} per GPU, {per_step}, "
              f"{'compiled' if args.compile else 'eager'}, {gpu}",
              f"{'engine':<7} {'GPUs':>4} {'tok/s':>9} {'tok/s/GPU':>10} {'TFLOP/s/GPU':>11} {'MFU':>6} {'mem GB':>7} "
              f"{'scaling':>8}"]

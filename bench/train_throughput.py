@@ -14,6 +14,10 @@ Every run takes one more step that is not measured: the last step of a run takes
     python bench/train_throughput.py --preset 1b --seq 4096 --micro-batch 2 --steps 40
     python bench/train_throughput.py --preset 1b --accum 8 --steps 12 --log-interval 4 --profile
     python bench/train_throughput.py --preset 1b --accum 8 --steps 6 --log-interval 2 --ab trainer.bf16_weights=true
+    python bench/train_throughput.py --preset moe_30a3 --global-tokens 1048576 --steps 6 --log-interval 2 --override model.n_layers=4 model.moe.force_balance=true
+
+The last one steps every 1M tokens (128 micro-batches of 2 x 4096), as production runs do, with forced balanced
+routing (model.moe.force_balance: benchmarks only, to compare with peers that report forced-balance numbers).
 
 `--ab OVERRIDE...` measures a change on the same GPU lease: every arm runs a second time with those overrides added
 (rows marked +B) and the table ends with the B/A tokens/s ratio per arm. The matmul rate of one H100 model varied by
@@ -101,6 +105,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--global-tokens", type=int, default=None, metavar="TOKENS",
+                   help="tokens per optimizer step instead of --accum (accumulation rounded up to reach it); "
+                        "production runs step every ~1-4M tokens (e.g. --global-tokens 1048576)")
     p.add_argument("--profile", action="store_true", help="save a torch.profiler operator table per arm")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--log-interval", type=int, default=10)
@@ -111,6 +118,8 @@ def main() -> None:
                    help="A/B on one GPU lease: every arm runs again with these overrides added (rows marked +B)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
+    if args.global_tokens:
+        args.accum = -(-args.global_tokens // (args.micro_batch * args.seq))
     if not torch.cuda.is_available():
         sys.exit("bench/train_throughput.py needs a CUDA GPU")
     os.environ.setdefault("DIFFV2_CACHE", tempfile.mkdtemp(prefix="diffv2-cache-"))
@@ -124,8 +133,8 @@ def main() -> None:
                 results.append({**r, "label": f"{arm}{mark}", "ab": list(extra)})
                 torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
-    lines = [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch} x {args.accum} per optimizer step, {gpu}; "
-             f"matmul 8192^3: {matmul:.0f} TFLOP/s",
+    lines = [f"{args.preset}, seq {args.seq}, micro-batch {args.micro_batch} x {args.accum} per optimizer step "
+             f"({args.micro_batch * args.accum * args.seq:,} tokens), {gpu}; matmul 8192^3: {matmul:.0f} TFLOP/s",
              f"{'arm':<14} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'/matmul':>8} {'mem GB':>7} {'data':>6}"]
     for r in results:
         lines.append(f"{r['label']:<14} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% "

@@ -20,6 +20,8 @@ ROPE_STYLES = ("interleaved", "half")
 MOE_ROUTERS = ("softmax", "sigmoid")
 MOE_BALANCE = ("aux_loss", "aux_free", "none")
 MOE_EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+FP8_RECIPES = ("off", "tensorwise", "rowwise")
+AC_MODES = ("none", "full", "selective", "selective_moe")  # parallel.activation_checkpoint
 
 
 @dataclass
@@ -50,6 +52,8 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(router logits)^2); 0 = logged, not trained
     bias_update_rate: float = 1e-3  # aux_free: bias += rate * sign(mean load - load) after every optimizer step
     experts_impl: str = "auto"  # auto (grouped GEMM on GPU, per-expert loop on CPU) | grouped_mm | loop
+    force_balance: bool = False  # BENCHMARKS ONLY, never for training: slot a of the T*K goes to expert a mod E
+    # (each expert gets T*K/E slots whatever the router says; Megatron's --moe-router-force-load-balancing)
 
 
 @dataclass
@@ -118,6 +122,8 @@ class TrainerConfig:
     init_from: Optional[str] = None  # a fresh run starts from these weights: a safetensors state dict (python -m
     # diffv2.infer.weights export) or an HF export directory; ignored when resuming from a checkpoint
     compile: bool = False  # torch.compile each block
+    fp8: str = "off"  # off | tensorwise | rowwise: large dense Linear layers in FP8 via torchao (SM89+ GPU, the fp8
+    # extra); lm_head, router, lambda projection and MoE experts stay bf16 (diffv2/parallel/float8.py)
     bf16_weights: bool = False  # bf16 Linear weights cast once per optimizer step, not per micro-batch (one process,
     # bf16 autocast; see diffv2/train/compute_weights.py)
     # bf16_weights: each Linear's weight gradient is added into the fp32 .grad by its GEMM (CUDA: summed in fp32, not
@@ -147,13 +153,17 @@ class ParallelConfig:
     shard_group_size: int = 0  # hybrid: ranks per shard group (0 = GPUs per node)
     tp: int = 1  # tensor-parallel degree (innermost mesh dimension; divides model.n_kv_heads)
     ep: int = 1  # expert-parallel degree (MoE): experts split over groups of ep data-parallel ranks (fsdp engine)
+    expert_fsdp: str = "block"  # fsdp, MoE, ep=1: block (experts sharded inside their block's FSDP2 unit, gathered
+    # with it) | own (each MoE layer's experts are their own unit over the same ranks, gathered and prefetched apart
+    # from the block; torchtitan's 30A3 layout). ep>1 always gives experts their own unit, over dp_mod_ep (docs/moe.md)
     meta_init: bool = False  # build the model on the meta device, shard it, then allocate and draw only this rank's
     # shards (identical weights; needed when the fp32 model does not fit one GPU, e.g. moe_30a3); engine fsdp only
     meta_init_draw: str = "cpu"  # meta_init: cpu (every full tensor drawn on the CPU from the global generator: bit-
     # identical to a normal build, ~125M samples/s, ~4 min per rank for moe_30a3) | device (drawn on this rank's
     # device from a generator seeded with `seed`: seconds; identical across layouts that use it, not to a CPU build)
     reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (ZeRO-3) or keep them
-    activation_checkpoint: str = "none"  # none | full (every block) | selective (every `ac_every`-th block)
+    activation_checkpoint: str = "none"  # none | full (every block) | selective (every `ac_every`-th block) |
+    # selective_moe (every block, keeping communication, GEMM and attention outputs: docs/moe.md)
     ac_every: int = 2  # selective: checkpoint blocks 0, k, 2k, ...
     async_checkpoint: bool = False  # fsdp: write checkpoints in the background (finished before the next one)
     timeout_s: int = 600  # a collective that waits longer (a dead or stalled rank) fails the run with an error

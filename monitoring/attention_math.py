@@ -11,12 +11,13 @@ Legend: B batch, N sequence (query t, key s), M d_model, Q query heads, H output
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from diffv2.model.attention import Attention
+if TYPE_CHECKING:
+    from diffv2.model.attention import Attention
 
 MAX_ENTRIES = 1 << 26
 

@@ -21,10 +21,12 @@ config classes (the core's diffv2/config.py holds only the fields every monitor 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from diffv2.train.callbacks import Callback
 from diffv2.train.validate import positive
+
+if TYPE_CHECKING:
+    from diffv2.train.callbacks import Callback
 
 
 @dataclass

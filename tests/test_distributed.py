@@ -323,3 +323,25 @@ def test_expert_parallel_with_fsdp2_trains_like_one_and_resumes(tmp_path, refere
     assert_same_training(tmp_path / "one", tmp_path / "ep")
     other_ep = single(tmp_path / "ep", cache, *moe)
     assert other_ep.returncode == 2 and "parallel.ep=2" in error_line(other_ep)
+
+
+def test_experts_as_their_own_fsdp_unit_train_like_one_and_resume_a_block_checkpoint(tmp_path, reference):
+    """parallel.expert_fsdp=own at ep=1 (each MoE layer's experts their own FSDP2 unit over both ranks, gathered
+    apart from the block) trains like one process, and resumes a checkpoint of the default expert_fsdp=block. Three
+    experts over two ranks: the block unit splits them unevenly by expert (2 + 1), their own unit along d_model
+    (Shard(1)), so the resume crosses placements (DCP reshards) and meta_init draws Shard(1) pieces."""
+    _, cache = reference
+    moe = ["model=moe_tiny", "model.vocab_size=264", "model.moe.balance=none", "model.moe.n_experts=3"]
+    own = ["parallel.expert_fsdp=own", "parallel.meta_init=true"]
+    one, fresh, killed = side_by_side(
+        lambda: single(tmp_path / "one", cache, *moe),
+        lambda: torchrun(tmp_path / "own", cache, *moe, *own),
+        lambda: torchrun(tmp_path / "moved", cache, *moe, fault="rank_kill:5", fault_rank=1))
+    assert one.returncode == 0 and fresh.returncode == 0, (one.stderr + fresh.stderr)[-3000:]
+    assert "experts their own FSDP2 units (Shard(1) over 2 ranks)" in fresh.stdout + fresh.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "own")
+    assert killed.returncode != 0
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "moved/checkpoints")] == ["step_00000003"]
+    resumed = torchrun(tmp_path / "moved", cache, *moe, *own)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "moved")

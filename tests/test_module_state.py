@@ -36,12 +36,17 @@ ALLOWED = {
     "diffv2.model.loss._compiled_chunk": "lru_cache: the cross-entropy chunk compiled once per process (a pure function)",
     "diffv2.infer.fused_combine._compiled_combine": "lru_cache: DIFF V2's combine compiled once per process; the "
                                                     "fall-back flag is per model (FusedCombine)",
+    "diffv2.parallel.activation_checkpoint.saved_ops": "cache: the ops selective_moe saves, resolved once the optional "
+                                                       "kernels have registered theirs (a fact of the process)",
     "monitoring.build.specs": "lru_cache: the monitor modules of the installed monitoring/ package, a fact of the "
                               "process",
     "monitoring.build.schema": "lru_cache: the monitoring config class made from those modules (a pure function)",
     # process-global by nature
     "diffv2.model.recompute._state": "threading.local: the recomputation flag is a dynamic scope per thread (autograd "
                                "runs backward on its own threads), like torch's grad mode",
+    "diffv2.parallel.expert._copies_in_flight": "the events of split-size copies to the host still in flight, keyed by "
+                                                "their host buffer: custom ops pass only tensors, so splits_to_host "
+                                                "leaves its event here and splits_on_host of the same layer takes it",
     "diffv2.train.faults.NO_FAULTS": "a frozen FaultPlan (no faults): an immutable default, not state",
     # constant tables of a mutable type, never written
     "diffv2.model.weight_files.SAFETENSORS_DTYPES": "constant table: torch dtype -> safetensors dtype name",

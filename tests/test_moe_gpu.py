@@ -61,3 +61,76 @@ def test_moe_layer_bf16_on_cuda_matches_fp32_loop():
         y_fast = fast(x_BNM)
     assert fast.last_z_loss.dtype == torch.float32  # the router stays fp32 under autocast
     assert rel_err(y_fast, y_ref) < 3e-2
+
+
+# --- host waits of a compiled MoE training step (docs/moe.md, "Host syncs") ---------------------------------------
+# CUDA runtime calls that block the host until the device catches up.
+BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+N_LAYERS = 2
+
+
+def _model(moe: bool):
+    from diffv2.config import ModelConfig
+    from diffv2.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    experts = MoEConfig(n_experts=8, top_k=2, expert_hidden=F_HIDDEN, n_shared_experts=1) if moe else MoEConfig()
+    cfg = ModelConfig(d_model=M, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=512, moe=experts)
+    return Transformer(cfg).cuda().train()
+
+
+def host_waits(step) -> dict:
+    """The blocking CUDA runtime calls of `step()` by name, from the profiler's CPU-side runtime events."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    return Counter(e.name for e in prof.events() if e.name in BLOCKING)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank NCCL group: the all-to-all dispatcher's real path (counts exchange, split sizes to the host, token
+    all-to-alls) on one GPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dispatch", ["local", "all_to_all"])
+def test_a_compiled_moe_step_waits_on_the_host_only_for_the_split_sizes(dispatch, request, capsys):
+    """Blocks compiled with fullgraph=True, grouped-GEMM experts in bf16, forward and backward of a 2-layer model:
+    the MoE model's blocking calls, less those of the same model with dense FFNs (the loss, the step's own), are
+    none with the local dispatch, and one `cudaEventSynchronize` per layer (the split sizes' copy, nothing else)
+    with the all-to-all dispatcher; its backward reuses the forward's sizes."""
+    models = {"dense": _model(moe=False), "moe": _model(moe=True)}
+    if dispatch == "all_to_all":
+        from diffv2.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(models["moe"], request.getfixturevalue("one_rank_group"))
+    tokens_BN = torch.randint(0, 512, (2, 256), device="cuda")
+    waits = {}
+    for name, model in models.items():
+        for block in model.blocks:
+            block.compile(fullgraph=True)  # a graph break (an untraced host sync) fails here
+
+        def step(model=model):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _, _ = model.loss(tokens_BN, tokens_BN)
+            loss.backward()
+
+        step(), step()  # compile, then warm the caching allocators (pinned host memory included)
+        torch.cuda.synchronize()
+        waits[name] = host_waits(step)
+    extra, missing = waits["moe"] - waits["dense"], waits["dense"] - waits["moe"]
+    with capsys.disabled():
+        print(f"\n{dispatch}: dense step {dict(waits['dense'])}, MoE step {dict(waits['moe'])}, "
+              f"MoE adds {dict(extra)}")
+    expected = {} if dispatch == "local" else {"cudaEventSynchronize": N_LAYERS}
+    assert dict(extra) == expected and not missing, (dict(waits["dense"]), dict(waits["moe"]))

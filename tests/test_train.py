@@ -209,7 +209,10 @@ def test_kernel_summary_sorts_device_time_into_kinds():
         "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>": "copy / cast",
         "void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, float>": "reduction",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "elementwise",
-        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "collective",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "collective (other)",
+        "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)": "all-to-all",
+        "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "all-gather/r-scatter",
+        "ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "all-gather/r-scatter",
         "some_custom_kernel": "other",
     }
     assert {name: kernel_kind(name) for name in kinds} == kinds

@@ -1,9 +1,9 @@
 """Mixture-of-experts FFN: token-choice top-k router, fine-grained SwiGLU experts, load balancing.
 
 Single-device PyTorch: parallelism is applied from outside (diffv2/parallel/parallelize.py) through two seams:
-`MoE.dispatch`, the function that runs expert-sorted tokens through the experts (expert parallelism swaps in an
-all-to-all version, diffv2/parallel/expert.py), and `MoE.count_reducer`, which sums the load-balancing token counts
-over the data-parallel ranks.
+`MoE.dispatch`, which runs expert-sorted tokens through the experts (`LocalDispatch` here; expert parallelism swaps
+in an all-to-all dispatcher, diffv2/parallel/expert.py), and `MoE.count_reducer`, which sums the load-balancing token
+counts over the data-parallel ranks.
 
 Legend: T tokens, M d_model, E experts (local experts under EP), K top_k, A = T*K routing slots,
 S slots kept after the capacity limit (sorted by expert), F expert hidden.
@@ -11,8 +11,9 @@ S slots kept after the capacity limit (sorted by expert), F expert hidden.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,7 @@ from torch import nn
 
 from diffv2.config import MoEConfig
 from diffv2.model.ffn import SwiGLU
-from diffv2.model.recompute import recomputing
 
-# (experts, x_SM sorted by expert, tokens per expert E) -> y_SM; EP swaps in an all-to-all version.
-Dispatch = Callable[["GroupedExperts", torch.Tensor, torch.Tensor], torch.Tensor]
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -68,8 +66,16 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x_SM.new_zeros(0, self.w2.shape[-1])
 
 
-def local_dispatch(experts: GroupedExperts, x_SM: torch.Tensor, tokens_E: torch.Tensor) -> torch.Tensor:
-    return experts(x_SM, tokens_E)
+class LocalDispatch:
+    """The `MoE.dispatch` seam on one device. `plan` gets the counts per expert before the slots are gathered, so
+    that a dispatcher can start what needs only them (expert parallelism: the count exchange and the copy of the
+    split sizes to the host) while the gather and the shared expert are queued; here the plan is the counts."""
+
+    def plan(self, tokens_E: torch.Tensor) -> torch.Tensor:
+        return tokens_E
+
+    def __call__(self, experts: GroupedExperts, x_SM: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        return experts(x_SM, plan)
 
 
 def route(logits_TE: torch.Tensor, k: int, score: str, bias_E: Optional[torch.Tensor] = None):
@@ -79,6 +85,17 @@ def route(logits_TE: torch.Tensor, k: int, score: str, bias_E: Optional[torch.Te
     experts_TK = select_TE.topk(k, dim=-1, sorted=False).indices
     weights_TK = scores_TE.gather(-1, experts_TK)
     return scores_TE, experts_TK, weights_TK / weights_TK.sum(-1, keepdim=True)
+
+
+def balanced_route(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts_TK, weights_TK) of forced balance (model.moe.force_balance, benchmarks only): slot a = t*k + j goes
+    to expert a mod E, so every expert gets T*K/E slots (distinct experts per token when k <= E); the weights are the
+    router's scores of those experts, renormalised, so the router still gets a gradient. Throughput then compares
+    with peers that report forced-balance numbers (Megatron-Bridge); it is not a routing to train with."""
+    t, n_experts = scores_TE.shape
+    experts_TK = (torch.arange(t * k, device=scores_TE.device) % n_experts).view(t, k)
+    weights_TK = scores_TE.gather(-1, experts_TK)
+    return experts_TK, weights_TK / weights_TK.sum(-1, keepdim=True)
 
 
 def load_balance_loss(scores_TE: torch.Tensor, tokens_E: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,7 +124,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)  # monitor window
         self.register_buffer("load_since_update", torch.zeros(cfg.n_experts), persistent=False)  # bias update
-        self.dispatch: Dispatch = local_dispatch
+        self.dispatch = LocalDispatch()
         self.expert_slice: Optional[tuple[int, int]] = None  # under expert parallelism: this rank's experts [lo, hi)
         # Sums a count tensor over the data-parallel ranks in place (global-batch balance, as Qwen3); None: this
         # rank's counts only. Set from outside when there are several ranks (diffv2/parallel/parallelize.py).
@@ -134,6 +151,8 @@ class MoE(nn.Module):
             logits_TE = F.linear(x_TM.to(dtype), self.router.weight.to(dtype))
         bias_E = self.expert_bias if self.cfg.balance == "aux_free" else None
         scores_TE, experts_TK, weights_TK = route(logits_TE, self.top_k, self.cfg.router, bias_E)
+        if self.cfg.force_balance:
+            experts_TK, weights_TK = balanced_route(scores_TE, self.top_k)
         # Tokens per expert with a static shape (bincount's depends on the data: a graph break under compile);
         # integer counts, so the order of the additions cannot change them.
         experts_A = experts_TK.flatten()
@@ -141,10 +160,7 @@ class MoE(nn.Module):
             0, experts_A, torch.ones_like(experts_A)).float()
         self._account(logits_TE, scores_TE, routed_E)
 
-        y_TM = self._experts(x_TM, experts_TK, weights_TK, routed_E)
-        if self.shared_expert is not None:
-            y_TM = y_TM + self.shared_expert(x_TM)
-        return y_TM.view_as(x_BNM)
+        return self._experts(x_TM, experts_TK, weights_TK, routed_E).view_as(x_BNM)
 
     def _account(self, logits_TE, scores_TE, routed_E) -> None:
         """Statistics and the router losses; the global-batch token counts come from every rank."""
@@ -158,19 +174,32 @@ class MoE(nn.Module):
             loss = loss + self.cfg.aux_loss_coef * aux
         self._record(loss, aux, z, routed_E)
 
-    @torch.compiler.disable  # decided when it runs, never traced: forward and recomputation share one compiled graph
     def _record(self, loss, aux, z, routed_E) -> None:
-        """Keep the router loss and statistics of the forward. Activation checkpointing re-runs the forward in
-        backward (the same ops, so that it saves the same tensors), but that loss was already taken and those tokens
-        already counted; storing the recomputed loss would keep the recomputed block's graph alive until the next
-        forward (~20 GiB per GPU on 30A3 with 4 GPUs)."""
-        if recomputing():
-            return
+        """Keep the router loss and statistics of the forward. Traced like the rest (a compiled block has one graph,
+        fullgraph=True holds): a second run of the forward, activation checkpointing's recomputation, writes them
+        again, and `forward_state_kept` undoes that."""
         self.last_aux_loss, self.last_z_loss = aux.detach(), z.detach()
         self.router_loss = loss
         if self.training:
             self.tokens_per_expert += routed_E
             self.load_since_update += routed_E
+
+    @contextlib.contextmanager
+    def forward_state_kept(self) -> Iterator[None]:
+        """Whatever a forward inside writes is undone on exit. Activation checkpointing runs its recomputation in it
+        (diffv2/parallel/activation_checkpoint.py): the recomputation runs the same ops as the forward, so that it
+        saves the same tensors, but that router loss was already taken and those tokens already counted; keeping the
+        recomputed loss would hold the recomputed block's graph alive until the next forward (~20 GiB per GPU on 30A3
+        with 4 GPUs)."""
+        kept = self.router_loss, self.last_aux_loss, self.last_z_loss
+        counts = self.tokens_per_expert.clone(), self.load_since_update.clone()
+        try:
+            yield
+        finally:
+            self.router_loss, self.last_aux_loss, self.last_z_loss = kept
+            with torch.no_grad():
+                self.tokens_per_expert.copy_(counts[0])
+                self.load_since_update.copy_(counts[1])
 
     def _experts(self, x_TM, experts_TK, weights_TK, routed_E) -> torch.Tensor:
         t, m = x_TM.shape
@@ -183,11 +212,15 @@ class MoE(nn.Module):
             rank_A = torch.arange(order_A.numel(), device=x_TM.device) - first_E[expert_A[order_A]]
             order_A = order_A[rank_A < capacity]  # later tokens of an over-full expert are dropped
             tokens_E = tokens_E.clamp(max=capacity)
-        y_SM = self.dispatch(self.experts, x_TM[order_A // self.top_k], tokens_E)
+        plan = self.dispatch.plan(tokens_E)  # under EP: counts exchanged and split sizes copied while the rest queues
+        x_SM = x_TM[order_A // self.top_k]
+        shared_TM = self.shared_expert(x_TM) if self.shared_expert is not None else None
+        y_SM = self.dispatch(self.experts, x_SM, plan)
         # Un-sort into (T, K) slots (dropped slots stay 0) and take the weighted sum: no atomics, deterministic.
         y_AM = y_SM.new_zeros(t * self.top_k, m).index_copy(0, order_A, y_SM)
         y_TKM = y_AM.view(t, self.top_k, m)
-        return (y_TKM * weights_TK.unsqueeze(-1).to(y_TKM.dtype)).sum(1).to(x_TM.dtype)
+        y_TM = (y_TKM * weights_TK.unsqueeze(-1).to(y_TKM.dtype)).sum(1).to(x_TM.dtype)
+        return y_TM if shared_TM is None else y_TM + shared_TM
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

@@ -1,5 +1,5 @@
 """The engine factory: `build_engine(cfg, model, device)` parallelizes the single-device model
-(diffv2/parallel/parallelize.py: TP -> EP -> activation checkpointing -> compile -> FSDP2), builds the optimizer
+(diffv2/parallel/parallelize.py: FP8 -> TP -> EP -> activation checkpointing -> compile -> FSDP2), builds the optimizer
 over the parameters that result, and picks the `Engine` for cfg.parallel (the plain single-device loop, FSDP2 /
 HSDP / DDP with tensor and expert parallelism, or DeepSpeed ZeRO). It lives apart from the engines so that the base
 class (engine.py) and its subclasses (deepspeed_engine.py) only import downwards; the trainer imports this module.

@@ -29,10 +29,13 @@ from torch import nn
 
 from diffv2.parallel import dist as pdist
 
-try:
+
+def _dtensor_types():
+    """(DTensor, Partial, Replicate), imported at the first use: torch.distributed.tensor takes a second to import,
+    and the monitors' config schema (which imports this module) is read before any tensor exists."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
-except ImportError:  # torch built without distributed
-    DTensor = None
+
+    return DTensor, Partial, Replicate
 
 
 class ShardedLocal:
@@ -65,7 +68,10 @@ def local_piece(t, disjoint: Optional[DisjointMeshes] = None) -> tuple[torch.Ten
     """This rank's values of t and the weight of their sum of squares in a world-wide SUM (see module doc)."""
     if isinstance(t, ShardedLocal):
         return t.tensor.detach(), 1.0
-    if DTensor is not None and isinstance(t, DTensor):
+    if not isinstance(t, torch.Tensor) or not hasattr(t, "placements"):  # a plain tensor needs no DTensor import
+        return t.detach(), 1.0 / pdist.world_size()
+    DTensor, Partial, Replicate = _dtensor_types()
+    if isinstance(t, DTensor):
         if any(isinstance(p, Partial) for p in t.placements):
             raise ValueError("grad norms need reduced gradients; got a DTensor with a Partial placement")
         # Replicated along its Replicate mesh dims, and over every rank outside its mesh (e.g. embeddings sharded

@@ -1,21 +1,28 @@
 """Parallelism applied to the single-device model from outside, in one place and one order (torchtitan's
 `parallelize_llama`):
 
+    0. float8              (trainer.fp8 != off: large dense Linear layers become torchao Float8Linear, tp = 1
+                            only for now; diffv2/parallel/float8.py)
     1. tensor parallelism  (parallel.tp > 1: diffv2/parallel/tensor.py, on the mesh's innermost "tp" dimension)
     2. expert parallelism  (parallel.ep > 1: diffv2/parallel/expert.py, over (dp_mod_ep, ep) of the dp ranks)
     3. activation checkpointing  (parallel.activation_checkpoint: none | full | selective every ac_every blocks;
                                   diffv2/parallel/activation_checkpoint.py)
     4. compile             (trainer.compile: every block; compilation itself happens lazily at the first call)
-    5. FSDP2               (fully_shard each MoE layer's experts on their own mesh, each block, then the root)
+    5. FSDP2               (fully_shard each MoE layer's experts as their own unit under EP or
+                            parallel.expert_fsdp=own, each block, then the root)
     6. materialise         (parallel.meta_init: allocate and draw the weights after sharding, before the optimizer)
 
 With several ranks (any engine) every MoE layer's load-balancing token counts are summed over them
 (`MoE.count_reducer`). `parallelize(model, cfg, device, param_dtype)` returns the `Layout` the engine needs (the mesh, this rank's data
 shard, the expert-parallel meshes for sharded gradient norms, the checkpoint suffix of expert shards). One process
-with tp=1 gets steps 3 and 4 only: the plain single-device loop, bit for bit. DeepSpeed (parallel.engine=deepspeed)
-gets steps 3 and 4 too and does its own data-parallel wrapping at `deepspeed.initialize`.
+with tp=1 gets steps 0, 3 and 4 only: with trainer.fp8=off, the plain single-device loop, bit for bit. DeepSpeed
+(parallel.engine=deepspeed, which refuses trainer.fp8) gets steps 3 and 4 too and does its own data-parallel wrapping
+at `deepspeed.initialize`.
 
-Why this order: TP and EP replace parameters (DTensors, expert slices), so they come before FSDP2 shards what is
+Why this order: float8 conversion swaps modules and, under FSDP2 with tensorwise scales, wraps their weights in
+torchao's FP8-all-gather tensor; it must see plain weights, before TP and FSDP2 turn them into DTensors (torchao's
+order: convert, TP, FSDP2), and the blocks that activation checkpointing and compile act on must already hold the
+converted layers. TP and EP replace parameters (DTensors, expert slices), so they come before FSDP2 shards what is
 left; activation checkpointing and compile act on the blocks FSDP2 then wraps (FSDP2's hooks stay outside the
 checkpointed, compiled block, so a recomputation re-gathers the block's parameters through those hooks). FSDP2 wraps
 every block before the root, so the root's parameters (embedding, final norm, lm_head) form the last group.
@@ -28,6 +35,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from diffv2.parallel import dist as pdist
@@ -74,6 +82,10 @@ def parallelize(model: nn.Module, cfg, device: torch.device, param_dtype: Option
     p = cfg.parallel
     layout = Layout()
     ep_mesh = None
+    if cfg.trainer.fp8 != "off":  # 0. float8
+        from diffv2.parallel.float8 import apply_float8
+
+        apply_float8(model, cfg.trainer.fp8, device, fsdp=uses_fsdp(cfg), compiled=cfg.trainer.compile)
     if uses_fsdp(cfg):
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -153,31 +165,72 @@ def _replay_constructor_draws(model: nn.Module) -> None:
 
 
 def sum_over_ranks(t: torch.Tensor) -> None:
-    """In place: `t` summed over every rank (MoE.count_reducer: the load-balancing counts of the global batch)."""
-    dist.all_reduce(t)
+    """In place: `t` summed over every rank (MoE.count_reducer: the load-balancing counts of the global batch).
+    A functional all-reduce copied back, not dist.all_reduce: selective activation checkpointing (selective_moe)
+    saves the collective's output, and a saved in-place collective would not redo its write in the recomputation."""
+    t.copy_(funcol.all_reduce(t, "sum", dist.group.WORLD))
 
 
 def _fully_shard(model: nn.Module, layout: Layout, ep_mesh, p, param_dtype) -> None:
-    """FSDP2 over the data-parallel ranks (HSDP when the mesh replicates too). Under expert parallelism
-    (torchtitan's dp_mod_ep): the dp ranks form (dp/ep, ep); each of the ep ranks of a group holds E/ep experts, and
-    the dp/ep ranks holding the same experts FSDP-shard them. Every other parameter is sharded over all dp ranks. An
-    expert's gradient sums the losses of its ep group, so its reduction divides by dp, not dp/ep."""
+    """FSDP2 over the data-parallel ranks (HSDP when the mesh replicates too): each block is one unit, the root's
+    parameters (embedding, final norm, lm_head) the last. Each MoE layer's experts are either part of their block's
+    unit (parallel.expert_fsdp=block, ep=1: sharded on the expert dim over all dp ranks, gathered with the attention)
+    or a unit of their own, gathered apart from the rest of the block so that their gather is prefetched on its own:
+    over all dp ranks with expert_fsdp=own, over dp_mod_ep under expert parallelism (torchtitan's layout: the dp
+    ranks form (dp/ep, ep); each of the ep ranks of a group holds E/ep experts and the dp/ep ranks holding the same
+    experts FSDP-shard them). Every other parameter is sharded over all dp ranks. An expert's gradient under EP sums
+    the losses of its ep group, so its reduction divides by dp, not dp/ep."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = layout.mesh
     dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]  # 2-D = HSDP
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if ep_mesh is not None:
-        experts_mesh = ep_mesh["dp_mod_ep"]
+    experts_mesh = ep_mesh["dp_mod_ep"] if ep_mesh is not None else dp_mesh if p.expert_fsdp == "own" else None
+    own_units = experts_mesh is not None and bool(model.moe_layers())
+    if own_units:
+        from torch.distributed.tensor import Shard
+
+        shards = experts_mesh.mesh.shape[-1]  # the mesh's sharding dim (HSDP replicates over the first)
+        dim = expert_shard_dim(model.moe_layers()[0].experts.w1.shape[0], shards)
         for moe in model.moe_layers():
-            fully_shard(moe.experts, mesh=experts_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
-            moe.experts.set_gradient_divide_factor(float(layout.dp_size))
+            fully_shard(moe.experts, mesh=experts_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward,
+                        shard_placement_fn=lambda param: Shard(dim))
+            if ep_mesh is not None:
+                moe.experts.set_gradient_divide_factor(float(layout.dp_size))
+        layout.text += f", experts their own FSDP2 units (Shard({dim}) over {shards} ranks)"
+    if ep_mesh is not None:
         layout.disjoint.mark(experts_mesh, p.ep)  # grad norms: the ep ranks outside this mesh hold other experts
     for block in model.blocks:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=p.reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    if own_units:
+        _prefetch_explicitly(list(model.blocks))
     for method in ("loss", "hidden"):
         register_fsdp_forward_method(model, method)
+
+
+def expert_shard_dim(n_experts: int, shards: int) -> int:
+    """The dim an experts unit's (E, in, out) weights are sharded on over `shards` ranks: 0, whole experts per rank,
+    when the ranks divide the experts; else 1, every expert split along its input dim (d_model for w1/w3, the
+    hidden for w2: 2048 and 768 for 30A3, even over any power of two up to 256 ranks). Shard(0) of 8 experts over 16
+    ranks would leave half the ranks empty and pad the gather, of 12 over 8 would pad four ranks; torchtitan switches
+    to Shard(1) when efsdp x ep exceeds the experts, and since an uneven split pads too it switches then as well."""
+    return 0 if n_experts % shards == 0 else 1
+
+
+def _prefetch_explicitly(blocks: list) -> None:
+    """With experts in their own FSDP2 unit, each block names the units it gathers next, in forward (the next block
+    and its experts) and backward (the previous ones), so their all-gathers are issued before the block runs.
+    FSDP2's implicit prefetch issues a unit's all-gather only when the host reaches it: the experts' gather would
+    wait for the router, and under expert parallelism for the layer's host wait on its split sizes (torchtitan
+    prefetches the same way)."""
+    def units(block) -> list:
+        experts = getattr(block.mlp, "experts", None)
+        return [block] + ([experts] if experts is not None else [])
+
+    for before, after in zip(blocks, blocks[1:]):
+        before.set_modules_to_forward_prefetch(units(after))
+        after.set_modules_to_backward_prefetch(units(before))
 
 
 def dp_layout(mode: str, dp: int, group: int) -> tuple[int, int]:

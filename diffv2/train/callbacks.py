@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
 
 from diffv2.config import MonitoringConfig
-from diffv2.train.observers import ObserverHub, ProbeBatch
-from diffv2.parallel.norms import DisjointMeshes
+if TYPE_CHECKING:  # imported when a context is built: the monitors' configs load without the model code
+    from diffv2.parallel.norms import DisjointMeshes
+    from diffv2.train.observers import ObserverHub, ProbeBatch
 
 
 @dataclass
@@ -44,6 +45,8 @@ class TrainContext:
     probe: Optional[ProbeBatch] = field(init=False)
 
     def __post_init__(self):
+        from diffv2.train.observers import ObserverHub, ProbeBatch
+
         self.observers = ObserverHub(self.model)
         tokens = self.probe_tokens
         self.probe = ProbeBatch(self.model, tokens, self.observers, self.autocast_dtype) if tokens is not None else None

@@ -3,7 +3,8 @@
 Every rank writes, under `<run_dir>/profile/`:
 - `trace_rank<R>.json.gz`: a Chrome/Perfetto trace (open it at ui.perfetto.dev or chrome://tracing);
 - `ops_rank<R>.txt`: first a summary of the device kernels by kind (matmul, attention, compiled/fused, elementwise,
-  reductions, copies and casts, optimizer, collectives, other) with each kind's share of device time, the
+  reductions, copies and casts, optimizer, all-to-all (expert parallelism), all-gather / reduce-scatter (FSDP2),
+  other collectives, other) with each kind's share of device time, the
   slowest kernels, and how busy the device was over the profiled steps' wall time (a low share means the host
   or a synchronisation holds the GPU back); then, on a GPU, where the device idled: its gaps between kernels
   grouped by the host's cause (a synchronisation the host waited in, or the operator whose launch came late);
@@ -35,8 +36,11 @@ log = logging.getLogger(__name__)
 
 
 # Kernel name -> kind, first match wins (names as CUDA/cuDNN/cuBLAS/Triton/NCCL report them on Hopper).
+# NCCL runs all_to_all_single as grouped send/receive kernels; FSDP2 gathers and reduce-scatters parameters.
 KINDS = (
-    ("collective", r"nccl"),
+    ("all-to-all", r"nccl.*(sendrecv|alltoall)"),
+    ("all-gather/r-scatter", r"nccl.*(allgather|reducescatter)"),
+    ("collective (other)", r"nccl"),
     ("attention", r"sdpa|fmha|flash|attention|fort_native"),
     ("optimizer", r"adam|multi_tensor"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|sm90_.*(tst|tnt|nnt)|grouped_mm|cublas"),

@@ -39,6 +39,7 @@ from diffv2.train.nonfinite import NonFiniteGuard
 from diffv2.optim import lr_at
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.build import build_engine
+from diffv2.parallel.float8 import check_fp8
 from diffv2.parallel.parallelize import wants_bf16
 from diffv2.train.preempt import PreemptionCallback, SignalLatch, ignore_stop_signals, signals_blocked
 from diffv2.train.profiling import ProfilerCallback
@@ -102,7 +103,11 @@ class Trainer:
         if t.bf16_weights and (self.env.world_size > 1 or cfg.parallel.engine == "deepspeed"):
             raise ValueError("trainer.bf16_weights=true works in one process with the plain engine (FSDP2's "
                              "MixedPrecisionPolicy does this job on several GPUs); drop trainer.bf16_weights")
+        check_fp8(t.fp8, self.device)  # torchao installed, an SM89+ GPU: before data and model are built
         self.accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        if cfg.model.moe.n_experts and cfg.model.moe.force_balance:
+            log.warning("model.moe.force_balance=true: tokens go to experts round-robin, not where the router sends "
+                        "them; for throughput benchmarks only, never for a model you mean to use")
         if cfg.optim.warmup_steps > t.max_steps:
             log.warning("optim.warmup_steps=%d is longer than trainer.max_steps=%d: the learning rate never reaches "
                         "optim.lr=%g; shorten the warm-up or train longer", cfg.optim.warmup_steps, t.max_steps,

@@ -14,8 +14,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from diffv2.config import (ATTENTION_VARIANTS, BACKENDS, LAMBDA_MODES, MOE_BALANCE, MOE_EXPERT_IMPLS, MOE_ROUTERS,
-                           PAIRINGS, ROPE_STYLES, Config, ModelConfig, MonitoringConfig, run_name_problem)
+from diffv2.config import (AC_MODES, ATTENTION_VARIANTS, BACKENDS, FP8_RECIPES, LAMBDA_MODES, MOE_BALANCE,
+                           MOE_EXPERT_IMPLS, MOE_ROUTERS, PAIRINGS, ROPE_STYLES, Config, ModelConfig, MonitoringConfig, run_name_problem)
 from diffv2.model.heads import validate_heads
 
 
@@ -79,6 +79,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"lower data.seq_len or raise model.max_seq_len"
         )
     validate_parallel(cfg, world_size)
+    validate_fp8(cfg)
     from diffv2.parallel.dist import accumulation_steps  # local: dist imports torch, this module does not
 
     accumulation_steps(t.global_batch_size, t.micro_batch_size, world_size, cfg.parallel.tp)
@@ -111,8 +112,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
     _choice("parallel.engine", p.engine, ("fsdp", "deepspeed"))
     _choice("parallel.data_parallel", p.data_parallel, ("shard", "hybrid", "replicate"))
-    _choice("parallel.activation_checkpoint", p.activation_checkpoint, ("none", "full", "selective"))
+    _choice("parallel.activation_checkpoint", p.activation_checkpoint, AC_MODES)
     _choice("parallel.meta_init_draw", p.meta_init_draw, ("cpu", "device"))
+    _choice("parallel.expert_fsdp", p.expert_fsdp, ("block", "own"))  # ep>1 implies own, whatever it says
     positive("parallel.tp", p.tp)
     positive("parallel.ac_every", p.ac_every)
     positive("parallel.timeout_s", p.timeout_s)
@@ -149,6 +151,33 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             raise ValueError("parallel.async_checkpoint applies to engine=fsdp (DCP); DeepSpeed saves synchronously")
         if p.meta_init:
             raise ValueError("parallel.meta_init applies to engine=fsdp; DeepSpeed builds the model itself")
+        if p.expert_fsdp != "block":
+            raise ValueError(f"parallel.expert_fsdp={p.expert_fsdp} applies to engine=fsdp (FSDP2 units); DeepSpeed "
+                             f"partitions every parameter itself: set parallel.expert_fsdp=block")
+
+
+def validate_fp8(cfg: Config) -> None:
+    """trainer.fp8's settings the config shows; torchao and the GPU are checked where the device is known
+    (diffv2.parallel.float8.check_fp8, at trainer start-up)."""
+    t, p = cfg.trainer, cfg.parallel
+    _choice("trainer.fp8", t.fp8, FP8_RECIPES)
+    if t.fp8 == "off":
+        return
+    if t.device == "cpu":
+        raise ValueError(f"trainer.fp8={t.fp8} needs an H100-class GPU (SM89+), not trainer.device=cpu; set "
+                         f"trainer.fp8=off or trainer.device=cuda")
+    if t.precision == "fp32":
+        raise ValueError(f"trainer.fp8={t.fp8} computes around its FP8 matmuls in bf16; set trainer.precision=bf16 "
+                         f"(or auto) or trainer.fp8=off")
+    if p.engine == "deepspeed":
+        raise ValueError(f"trainer.fp8={t.fp8} is not supported with parallel.engine=deepspeed (its ZeRO wrapping "
+                         f"does not know torchao's FP8 layers); use parallel.engine=fsdp or trainer.fp8=off")
+    if p.tp > 1:
+        raise ValueError(f"trainer.fp8={t.fp8} is not supported with parallel.tp={p.tp} yet (TP would need torchao's "
+                         f"float8 TP plans); set parallel.tp=1 or trainer.fp8=off")
+    if t.bf16_weights:
+        raise ValueError(f"trainer.fp8={t.fp8} casts its layers' weights itself, which trainer.bf16_weights would "
+                         f"replace; set trainer.bf16_weights=false (or trainer.fp8=off)")
 
 
 def validate_moe(m: ModelConfig) -> None:

@@ -1,0 +1,151 @@
+"""Expert parallelism compiled and selectively checkpointed (diffv2/parallel/expert.py, activation_checkpoint.py).
+
+Each test spawns gloo ranks on the CPU; a small DIFF V2 MoE model runs one training step (loss, backward) under
+EP=2 and is compared with the same model in another setting on the same ranks. tests/test_moe.py checks EP=2 and
+EP=4 against EP=1 on one layer.
+Legend: B batch, N sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffv2.config import ModelConfig, MoEConfig
+from diffv2.model.transformer import Transformer
+from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
+from diffv2.parallel.parallelize import sum_over_ranks
+
+RANKS = 2
+
+
+def _model(n_layers: int = 2) -> Transformer:
+    cfg = ModelConfig(d_model=32, n_layers=n_layers, n_heads=2, n_kv_heads=1, head_dim=16, vocab_size=64,
+                      moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, n_shared_experts=1,
+                                    aux_loss_coef=0.1, z_loss_coef=1e-2, experts_impl="loop"))
+    torch.manual_seed(0)  # the same weights on every rank
+    return Transformer(cfg).train()
+
+
+def _expert_parallel(model: Transformer) -> Transformer:
+    from diffv2.parallel.expert import apply_expert_parallel
+
+    apply_expert_parallel(model, dist.group.WORLD)
+    for moe in model.moe_layers():
+        moe.count_reducer = sum_over_ranks  # as parallelize sets it with several ranks
+    return model
+
+
+def _step(model: Transformer, rank: int):
+    """One training step's loss and gradients on this rank's tokens."""
+    torch.manual_seed(100 + rank)  # every rank routes different tokens
+    tokens_BN = torch.randint(0, 64, (2, 12))
+    loss, _, _ = model.loss(tokens_BN, tokens_BN)
+    loss.backward()
+    counts = [m.tokens_per_expert.clone() for m in model.moe_layers()]
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, counts
+
+
+def _assert_same_step(a, b, **tol) -> None:
+    (loss_a, grads_a, counts_a), (loss_b, grads_b, counts_b) = a, b
+    torch.testing.assert_close(loss_b, loss_a, **tol)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, **tol, msg=name)
+    assert all(torch.equal(x, y) for x, y in zip(counts_a, counts_b))  # tokens counted once per forward
+
+
+class _CountCommunication(TorchDispatchMode):
+    """Counts the all-to-alls, the all-reduces (the load-balancing counts) and the copies of split sizes to the host
+    (each one host sync) that really run: a selective-checkpoint cache hit never reaches here."""
+
+    def __init__(self):
+        super().__init__()
+        self.all_to_alls = self.all_reduces = self.host_copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.all_to_alls += func.overloadpacket is torch.ops._c10d_functional.all_to_all_single
+        self.all_reduces += func.overloadpacket is torch.ops._c10d_functional.all_reduce
+        self.host_copies += func.overloadpacket is torch.ops.diffv2.splits_to_host
+        return func(*args, **(kwargs or {}))
+
+
+def _spawn(worker) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_run, args=(worker, port), nprocs=RANKS, join=True)
+
+
+def _run(rank: int, worker, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    torch.set_num_threads(1)
+    try:
+        worker(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _compiled_equals_eager(rank: int) -> None:
+    from torch._dynamo.utils import counters
+
+    eager = _expert_parallel(_model(n_layers=1))
+    compiled = copy.deepcopy(eager)
+    compiled.blocks[0].compile(fullgraph=True)  # any graph break (a host sync, an untraceable collective) fails
+    _assert_same_step(_step(eager, rank), _step(compiled, rank), rtol=1e-5, atol=1e-6)  # kernels fuse differently
+    graphs = counters["stats"]["unique_graphs"]
+    # Other tokens, other split sizes: the same graph (the sizes are unbacked symbols, not specialised on).
+    eager.zero_grad(), compiled.zero_grad()
+    _assert_same_step(_step(eager, rank + RANKS), _step(compiled, rank + RANKS), rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+
+
+def test_moe_blocks_compile_with_fullgraph_under_expert_parallelism_and_equal_eager():
+    _spawn(_compiled_equals_eager)
+
+
+def _compiled_selective_moe_equals_eager(rank: int) -> None:
+    eager = _expert_parallel(_model())
+    compiled = copy.deepcopy(eager)
+    apply_activation_checkpointing(compiled, "selective_moe")
+    for block in compiled.blocks:
+        block.compile()
+    reference, step = _step(eager, rank), _step(compiled, rank)
+    _assert_same_step(reference, step, rtol=1e-5, atol=1e-6)  # router losses and counts taken once, too
+    assert all(m.router_loss.grad_fn is not None for m in compiled.moe_layers())
+
+
+def test_compiled_selective_moe_checkpointing_under_expert_parallelism_equals_eager():
+    """With compiled blocks selective_moe traces the checkpoint as well (the recomputation is part of the compiled
+    backward): one step equals the eager model without checkpointing."""
+    _spawn(_compiled_selective_moe_equals_eager)
+
+
+def _selective_moe_recomputes_no_all_to_all(rank: int) -> None:
+    plain = _expert_parallel(_model())
+    layers = len(plain.moe_layers())
+    steps, counts = {}, {}
+    for mode in ("none", "full", "selective_moe"):
+        model = copy.deepcopy(plain)
+        apply_activation_checkpointing(model, mode)
+        with _CountCommunication() as counter:
+            steps[mode] = _step(model, rank)
+        counts[mode] = counter.all_to_alls, counter.host_copies, counter.all_reduces
+    # Per MoE layer: forward exchanges the counts, the tokens there and back (3), copies the split sizes to the host
+    # once and sums the load-balancing counts over the ranks (1 all-reduce); backward sends the tokens' gradients
+    # back both ways (2). Full checkpointing repeats the forward.
+    assert counts["none"] == (5 * layers, layers, layers), counts
+    assert counts["full"] == (8 * layers, 2 * layers, 2 * layers), counts
+    assert counts["selective_moe"] == counts["none"], counts
+    _assert_same_step(steps["none"], steps["full"], rtol=0, atol=0)
+    _assert_same_step(steps["none"], steps["selective_moe"], rtol=0, atol=0)
+
+
+def test_selective_moe_checkpointing_repeats_no_all_to_all_and_equals_no_checkpointing():
+    _spawn(_selective_moe_recomputes_no_all_to_all)
