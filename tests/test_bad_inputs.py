@@ -54,6 +54,13 @@ CONFIG_CASES = {
     "unknown non-finite policy": (["trainer.nonfinite=retry"], 1, "trainer.nonfinite='retry' is not one of skip"),
     "unknown device": (["trainer.device=tpu"], 1, "trainer.device='tpu' is not one of auto, cpu, cuda"),
     "unknown precision": (["trainer.precision=fp8"], 1, "trainer.precision='fp8' is not one of"),
+    "unknown fp8 recipe": (["trainer.fp8=e5m2"], 1, "trainer.fp8='e5m2' is not one of off, tensorwise, rowwise"),
+    "fp8 on the CPU": (["trainer.fp8=tensorwise", "trainer.device=cpu"], 1,
+                       "trainer.fp8=tensorwise needs an H100-class GPU (SM89+), not trainer.device=cpu"),
+    "unknown activation checkpointing": (["parallel.activation_checkpoint=some"], 1,
+                                         "parallel.activation_checkpoint='some' is not one of none, full, selective, "
+                                         "selective_moe"),
+    "unknown expert layout": (["parallel.expert_fsdp=rows"], 1, "parallel.expert_fsdp='rows' is not one of"),
     "unknown attention backend": (["model.attention.backend=triton"], 1, "model.attention.backend='triton' is not"),
     "spike window of one": (["monitoring.spikes.window=1"], 1, "monitoring.spikes.window=1 must be >= 2"),
     # inconsistent combinations
