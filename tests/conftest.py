@@ -23,3 +23,12 @@ def _single_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+# The files that take longest (minutes of training runs each) start first, so that no single long file runs alone
+# at the end while the other worker idles.
+SLOW_FIRST = ("test_readme.py", "test_slurm_cluster.py", "test_signals.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: SLOW_FIRST.index(item.path.name) if item.path.name in SLOW_FIRST else len(SLOW_FIRST))
