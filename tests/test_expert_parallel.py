@@ -194,3 +194,19 @@ def test_moe_blocks_compile_under_expert_parallelism_and_fsdp2_and_equal_eager()
     model's loss, (full) gradients and counts. fullgraph=True does not hold here: the experts are their own FSDP2
     unit, whose hooks (run inside the block) dynamo skips, and a skipped call is a graph break (docs/moe.md)."""
     _spawn(_fsdp_compiled_equals_eager)
+
+
+def _fsdp_compiled_selective_moe_equals_eager(rank: int) -> None:
+    eager = _sharded(_expert_parallel(_model()))
+    compiled = _expert_parallel(_model())
+    apply_activation_checkpointing(compiled, "selective_moe")
+    for block in compiled.blocks:
+        block.compile()
+    _sharded(compiled)  # as parallelize: AC, compile, then FSDP2
+    _assert_same_step(_full(_step(eager, rank)), _full(_step(compiled, rank)), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_selective_moe_checkpointing_under_fsdp2_equals_eager():
+    """Under FSDP2 a block's call runs FSDP2's hooks, which a fullgraph compiled checkpoint cannot trace: such blocks
+    take the eager checkpoint (it crashed with torch._dynamo.exc.Unsupported before) and equal no checkpointing."""
+    _spawn(_fsdp_compiled_selective_moe_equals_eager)

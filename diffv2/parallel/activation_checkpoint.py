@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from diffv2.model.moe import MoE
@@ -84,7 +85,9 @@ class CheckpointBlocks:
         if not (index in self.blocks and block.training and torch.is_grad_enabled() and cache is None):
             return block(x_BNM, doc_ids_BN, cache, observe)
         if self.save_ops and getattr(block, "_compiled_call_impl", None) is not None:
-            if not observe:  # observer statistics break the graph: those steps take the eager route below
+            # Observer statistics break the graph, and so do FSDP2's hooks (the compiled checkpoint traces the block's
+            # call, hooks included, with fullgraph=True): those take the eager route below.
+            if not observe and not isinstance(block, FSDPModule):
                 return self._compiled_checkpoint(index, block)(x_BNM, doc_ids_BN, observe)
             block = block._call_impl  # eager: a saved output of a compiled graph is a buffer its kernels reuse
         return checkpoint(block, x_BNM, doc_ids_BN, None, observe, use_reentrant=False,
