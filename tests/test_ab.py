@@ -61,6 +61,8 @@ def test_report_tells_noise_from_a_real_difference(tmp_path, capsys):
     verdicts = {(row[0], row[2]): row[6] for row in saved["verdicts"]}
     assert verdicts[("baseline", "final val loss")] == "worse"
     assert verdicts[("diffv2", "final val loss")] == "within seed noise"
+    assert verdicts[("diffv2", "σ(λ) mean")] == "lower"  # 0.65 against 0.75 in every seed
+    assert ("baseline", "σ(λ) mean") not in verdicts  # no lambda to compare
     assert all(row[1] == "tensorwise − off" for row in saved["verdicts"])  # `off` is the reference
     by_name = {r["name"]: r for r in saved["runs"]}
     assert by_name["diffv2-tensorwise-s0"]["lambda_mean"] == pytest.approx(0.65)  # mean over the layers
