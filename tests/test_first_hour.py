@@ -106,6 +106,29 @@ def test_console_is_one_stream_and_train_log_has_the_run(tmp_path, data_cache):
     log = (run_dir / "train.log").read_text()
     for needle in ("step      2 | loss", "step      3 | validation loss", "step      6 | loss", "done: train loss"):
         assert needle in log, needle
+    # what start-up logged before the run directory could be written is in train.log too, first and in order
+    assert log.index("attention backend:") < log.index("params total") < log.index("step      2 | loss")
+
+
+def test_a_refused_trainer_keeps_no_start_up_log(tmp_path):
+    """The start-up log waits for the run record; a trainer refused at start-up, or closed before its record, drops
+    it (no handler left on the root logger of a process that goes on, e.g. a benchmark or a notebook)."""
+    import logging
+
+    from cli_runs import compose_cfg
+    from diffv2.train.record import StartupLog
+    from diffv2.train.trainer import Trainer
+
+    before = list(logging.getLogger().handlers)
+    trainer = Trainer(compose_cfg(), tmp_path / "ok", record_yaml="seed: 0\n")
+    assert [h for h in logging.getLogger().handlers if isinstance(h, StartupLog)] == [trainer.startup_log]
+    trainer.close()
+    assert logging.getLogger().handlers == before
+    with pytest.raises(ValueError, match="trainer.bf16_weights=true needs bf16 autocast"):
+        Trainer(compose_cfg("trainer.bf16_weights=true", "trainer.precision=fp32"), tmp_path / "refused",
+                record_yaml="seed: 0\n")
+    assert logging.getLogger().handlers == before
+    assert not (tmp_path / "refused").exists()
 
 
 def test_help_lists_the_training_choices_only():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -44,11 +45,39 @@ def versions() -> dict:
     return env
 
 
-def write_record(run_dir: Path, resolved_yaml: str) -> None:
+class StartupLog(logging.Handler):
+    """Holds what is logged at start-up, before the run directory may be written (a refused run leaves none), so
+    that train.log gets it too: the model's size, the FP8 split, the expert placement, warnings. Installed on the
+    root logger by the trainer; `write_record` replays it into train.log and removes it, `remove` drops it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    @classmethod
+    def install(cls) -> "StartupLog":
+        handler = cls()
+        logging.getLogger().addHandler(handler)
+        return handler
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def remove(self) -> None:
+        logging.getLogger().removeHandler(self)
+        self.records = []
+
+
+def write_record(run_dir: Path, resolved_yaml: str, startup: Optional[StartupLog] = None) -> None:
     """config.yaml, git.json (+ git.diff when the tree is dirty) and versions.json in the run directory; from now
-    on the log also goes to train.log (appended across resumes)."""
+    on the log also goes to train.log (appended across resumes), starting with what `startup` held."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _log_to_file(run_dir / "train.log")
+    handler = _log_to_file(run_dir / "train.log")
+    if startup is not None:
+        for record in startup.records:
+            if record.levelno >= logging.getLogger().getEffectiveLevel():
+                handler.handle(record)
+        startup.remove()
     (run_dir / "config.yaml").write_text(resolved_yaml)
     src = Path(__file__).resolve().parents[2]  # the repository root (diffv2/train/record.py)
     commit = _git("rev-parse", "HEAD", cwd=src).strip()
@@ -59,11 +88,13 @@ def write_record(run_dir: Path, resolved_yaml: str) -> None:
     (run_dir / "versions.json").write_text(json.dumps(versions(), indent=1))
 
 
-def _log_to_file(path: Path) -> None:
+def _log_to_file(path: Path) -> logging.FileHandler:
     root = logging.getLogger()
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
-        return
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
+            return h
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root.addHandler(handler)
     PROGRESS.handlers = [h for h in PROGRESS.handlers if not isinstance(h, logging.FileHandler)] + [handler]
+    return handler

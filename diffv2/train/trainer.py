@@ -43,7 +43,7 @@ from diffv2.parallel.float8 import check_fp8
 from diffv2.parallel.parallelize import wants_bf16
 from diffv2.train.preempt import PreemptionCallback, SignalLatch, ignore_stop_signals, signals_blocked
 from diffv2.train.profiling import ProfilerCallback
-from diffv2.train.record import write_record
+from diffv2.train.record import StartupLog, write_record
 from diffv2.train.run_lock import RunLock
 from diffv2.train.sink import MetricSink, final_numbers
 
@@ -77,11 +77,20 @@ class Trainer:
         process's stop-signal latch when the caller installed one early (train.py); else the trainer installs it.
         `instrumentation`: the monitors and W&B renderer to run with (train.py passes monitoring.build's; default:
         none). Rank 0 locks the run directory here (one writer per run directory, diffv2/train/run_lock.py)."""
+        self.startup_log = StartupLog.install() if record_yaml is not None else None  # for train.log, once written
+        self.lock: Optional[RunLock] = None
+        try:
+            self._start(cfg, run_dir, record_yaml, env, signals, instrumentation)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, cfg: Config, run_dir: Path, record_yaml: Optional[str], env: Optional[pdist.DistEnv],
+               signals: Optional[SignalLatch], instrumentation: Optional[Instrumentation]) -> None:
         self.cfg, self.run_dir, self.record_yaml = cfg, run_dir, record_yaml
         self.instrumentation = instrumentation or Instrumentation()  # monitors + W&B renderer (none by default)
         t = cfg.trainer
         self.preemption = PreemptionCallback(t.preempt_check_interval, t.requeue, latch=signals)
-        self.lock: Optional[RunLock] = None
         self.replanned_from: Optional[int] = None  # the checkpoint's planned train samples, when max_steps changed
         want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
@@ -92,6 +101,7 @@ class Trainer:
         self.rank0 = self.env.rank == 0
         if not self.rank0:  # one console for the job: other ranks report warnings and errors only
             logging.getLogger().setLevel(logging.WARNING)
+            self.close_startup_log()  # only rank 0 writes train.log
         self.dp_size = self.env.world_size // cfg.parallel.tp
         self.dp_rank = self.env.rank // cfg.parallel.tp  # mesh order (dp_replicate, dp_shard, tp): tp innermost
         self.autocast_dtype = torch.bfloat16 if wants_bf16(cfg, "cuda" if want_cuda else "cpu") else None
@@ -132,8 +142,14 @@ class Trainer:
             self.close()
             raise
 
+    def close_startup_log(self) -> None:
+        if self.startup_log is not None:
+            self.startup_log.remove()
+            self.startup_log = None
+
     def close(self) -> None:
         """Release the run directory (the end of run() does; process exit does too)."""
+        self.close_startup_log()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -239,7 +255,8 @@ class Trainer:
                 log.warning("stopping before the first step: %s", stop)
                 return {**summary, "stopped": stop, "exit_code": self.preemption.exit_code, "started": False}
             if self.record_yaml is not None and self.rank0:  # only now: a run refused at start-up is left as it was
-                write_record(self.run_dir, self.record_yaml)
+                write_record(self.run_dir, self.record_yaml, self.startup_log)
+                self.startup_log = None
             parts.output = self._output(parts, meta)
             summary.update(self._loop(parts))
         except KeyboardInterrupt:  # SIGINT under handlers other than the latch's: out now, W&B left to its exit hook
