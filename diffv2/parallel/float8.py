@@ -23,6 +23,11 @@ them with one all-reduce. torchtitan calls it after the optimizer step; here a s
 discarded (possibly non-finite) weights. So it runs where the scales are used: at the start of every forward (a
 pre-hook on the embedding, the first module the model calls, before any block gathers its weights), from the weights
 that forward gathers. Without it torchao would all-reduce each weight's amax separately at every gather.
+
+Tensor parallelism: the FP8 layers are sharded by the usual plan (diffv2/parallel/tensor.py). A tensorwise scale is
+the amax of the whole DTensor (a one-number all-reduce over the TP ranks), a rowwise scale covers rows the shard
+holds whole, so every cast equals one rank's (tests/test_fp8.py, 2 gloo ranks, emulated). FSDP2 then gathers the TP
+shards in bf16: the FP8 all-gather is used without TP only (torchao's 2-D FP8 all-gather is not tested here).
 """
 
 from __future__ import annotations

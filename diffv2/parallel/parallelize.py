@@ -85,7 +85,8 @@ def parallelize(model: nn.Module, cfg, device: torch.device, param_dtype: Option
     if cfg.trainer.fp8 != "off":  # 0. float8
         from diffv2.parallel.float8 import apply_float8
 
-        apply_float8(model, cfg.trainer.fp8, device, fsdp=uses_fsdp(cfg), compiled=cfg.trainer.compile)
+        # FP8 all-gather only without TP (FSDP2 gathers the TP shards in bf16 and the FP8 layers cast them)
+        apply_float8(model, cfg.trainer.fp8, device, fsdp=uses_fsdp(cfg) and p.tp == 1, compiled=cfg.trainer.compile)
     if uses_fsdp(cfg):
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -172,9 +172,6 @@ def validate_fp8(cfg: Config) -> None:
     if p.engine == "deepspeed":
         raise ValueError(f"trainer.fp8={t.fp8} is not supported with parallel.engine=deepspeed (its ZeRO wrapping "
                          f"does not know torchao's FP8 layers); use parallel.engine=fsdp or trainer.fp8=off")
-    if p.tp > 1:
-        raise ValueError(f"trainer.fp8={t.fp8} is not supported with parallel.tp={p.tp} yet (TP would need torchao's "
-                         f"float8 TP plans); set parallel.tp=1 or trainer.fp8=off")
     if t.bf16_weights:
         raise ValueError(f"trainer.fp8={t.fp8} casts its layers' weights itself, which trainer.bf16_weights would "
                          f"replace; set trainer.bf16_weights=false (or trainer.fp8=off)")
