@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from analysis.claims import Run, _ms, _table, run_stats, welch
 from analysis.run_data import RunData, load_runs
@@ -43,24 +43,9 @@ COLUMNS = (("val_loss", "final val loss", ".4f"), ("train_loss", "final train lo
 
 
 def config_value(config_text: str, dotted: str) -> Optional[str]:
-    """The scalar at `dotted` (e.g. trainer.fp8) in a resolved config.yaml, read without a YAML dependency on
-    the layout beyond two-space nesting; None when absent."""
-    parts, depth, lines = dotted.split("."), 0, config_text.splitlines()
-    for line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        indent = (len(line) - len(line.lstrip(" "))) // 2
-        if indent < depth:
-            return None  # left the section we were inside without finding the key
-        if indent > depth:
-            continue
-        m = re.match(r"^\s*([^:#]+):\s*(.*?)\s*$", line)
-        if not m or m.group(1).strip() != parts[depth]:
-            continue
-        if depth == len(parts) - 1:
-            return m.group(2).strip("'\"") or None
-        depth += 1
-    return None
+    """The value at `dotted` (e.g. trainer.fp8) in a resolved config.yaml, as text; None when absent."""
+    value = OmegaConf.select(OmegaConf.create(config_text), dotted)
+    return None if value is None else str(value)
 
 
 def _layer_mean(d: RunData, family: str) -> float:

@@ -18,7 +18,7 @@ model:
     variant: {attention}
 trainer:
   max_steps: 100
-  fp8: {fp8}
+  fp8: '{fp8}'  # quoted, as the trainer's config.yaml writes it (a bare off is YAML's false)
 data:
   seq_len: 64
 """

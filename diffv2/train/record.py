@@ -75,8 +75,7 @@ def write_record(run_dir: Path, resolved_yaml: str, startup: Optional[StartupLog
     handler = _log_to_file(run_dir / "train.log")
     if startup is not None:
         for record in startup.records:
-            if record.levelno >= logging.getLogger().getEffectiveLevel():
-                handler.handle(record)
+            handler.handle(record)
         startup.remove()
     (run_dir / "config.yaml").write_text(resolved_yaml)
     src = Path(__file__).resolve().parents[2]  # the repository root (diffv2/train/record.py)
