@@ -325,6 +325,21 @@ def test_expert_parallel_with_fsdp2_trains_like_one_and_resumes(tmp_path, refere
     assert other_ep.returncode == 2 and "parallel.ep=2" in error_line(other_ep)
 
 
+def test_compiled_expert_parallel_trains_like_one_eager_process(tmp_path, reference):
+    """trainer.compile=true with parallel.ep=2 on 2 ranks: the MoE blocks are compiled by regions with fullgraph=True
+    (the experts are an FSDP2 unit of their own, diffv2/parallel/compile.py), every monitor on, and the run trains like
+    one eager process: losses, grad norms, validation and the monitors' global statistics (observed steps included)
+    within the compiled kernels' rounding."""
+    _, cache = reference
+    moe = ["model=moe_tiny", "model.vocab_size=264", "model.moe.balance=none"]
+    one, compiled = side_by_side(
+        lambda: single(tmp_path / "one", cache, *moe),
+        lambda: torchrun(tmp_path / "compiled", cache, *moe, "parallel.ep=2", "trainer.compile=true"))
+    assert one.returncode == 0 and compiled.returncode == 0, (one.stderr + compiled.stderr)[-3000:]
+    assert "MoE blocks compiled by regions" in compiled.stdout + compiled.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "compiled", rel=1e-4)
+
+
 def test_experts_as_their_own_fsdp_unit_train_like_one_and_resume_a_block_checkpoint(tmp_path, reference):
     """parallel.expert_fsdp=own at ep=1 (each MoE layer's experts their own FSDP2 unit over both ranks, gathered
     apart from the block) trains like one process, and resumes a checkpoint of the default expert_fsdp=block. Three

@@ -9,9 +9,11 @@ Legend: B batch, N sequence.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from diffv2.config import ModelConfig, MoEConfig
 from diffv2.model.transformer import Transformer
 from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
+from diffv2.parallel.compile import apply_compile
 from diffv2.parallel.parallelize import sum_over_ranks
 
 RANKS = 2
@@ -151,17 +154,19 @@ def test_selective_moe_checkpointing_repeats_no_all_to_all_and_equals_no_checkpo
     _spawn(_selective_moe_recomputes_no_all_to_all)
 
 
-def _sharded(model: Transformer) -> Transformer:
-    """parallelize's step 5 under EP=2 on 2 ranks: each rank's experts their own FSDP2 unit (over the ranks holding
-    the same experts: itself), every block and the root sharded over both ranks."""
+def _sharded(model: Transformer, ep: bool = True) -> Transformer:
+    """parallelize's step 5 on 2 ranks: each layer's experts their own FSDP2 unit, under EP=2 over the ranks holding
+    the same experts (itself), else (parallel.expert_fsdp=own) over both ranks; every block and the root sharded
+    over both ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     ep_mesh = init_device_mesh("cpu", (1, RANKS), mesh_dim_names=("dp_mod_ep", "ep"))
     dp_mesh = init_device_mesh("cpu", (RANKS,))
     for moe in model.moe_layers():
-        fully_shard(moe.experts, mesh=ep_mesh["dp_mod_ep"])
-        moe.experts.set_gradient_divide_factor(float(RANKS))
+        fully_shard(moe.experts, mesh=ep_mesh["dp_mod_ep"] if ep else dp_mesh)
+        if ep:
+            moe.experts.set_gradient_divide_factor(float(RANKS))
     for block in model.blocks:
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
@@ -175,38 +180,49 @@ def _full(step):
     return loss, {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}, counts
 
 
-def _fsdp_compiled_equals_eager(rank: int) -> None:
+def _regions_compiled_equal_eager(rank: int, ep: bool, ac: str) -> None:
+    """Two steps (the second observed: the attention's statistics leave its graph) of an eager and a compiled sharded
+    model, with the experts their own FSDP2 unit: under EP=2, or (ep=False) over both ranks with every rank holding
+    them all, as parallel.expert_fsdp=own."""
     from torch._dynamo.utils import counters
 
-    eager = _expert_parallel(_model(n_layers=1))
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _model()
+    if ep:
+        eager = _expert_parallel(eager)
+    else:
+        for moe in eager.moe_layers():
+            moe.count_reducer = sum_over_ranks
     compiled = copy.deepcopy(eager)
-    compiled.blocks[0].compile()  # as parallelize does, before FSDP2
-    _sharded(eager), _sharded(compiled)
+    apply_activation_checkpointing(eager, ac)
+    apply_activation_checkpointing(compiled, ac)
+    apply_compile(compiled, regions=True)  # as parallelize: AC, compile, then FSDP2
+    _sharded(eager, ep), _sharded(compiled, ep)
     _assert_same_step(_full(_step(eager, rank)), _full(_step(compiled, rank)), rtol=1e-5, atol=1e-6)
-    # The graph breaks only where dynamo must leave FSDP2's hooks to run eagerly: at the block's own and at the
-    # experts' (a nested FSDP2 unit), never in the routing or the all-to-alls.
-    reasons = [r for r in counters["graph_break"]]
-    assert reasons and all("disable" in r or "skipped" in r for r in reasons), reasons
+    seen = {"eager": [], "compiled": []}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        for block in model.blocks:  # without autograd, as the monitors' hub calls them (diffv2/train/observers.py)
+            block.attn.observer = torch.no_grad()(lambda layer, stats, name=name: seen[name].append(
+                (layer, stats["context"].float().square().mean().item())))
+        model.zero_grad()
+        step = _full(_step(model, rank + RANKS))
+        seen[name + " step"] = step
+    _assert_same_step(seen["eager step"], seen["compiled step"], rtol=1e-5, atol=1e-6)
+    assert [layer for layer, _ in seen["compiled"]] == [0, 1]  # each layer once: not again in a recomputation
+    for (layer_a, a), (layer_b, b) in zip(seen["eager"], seen["compiled"]):
+        assert layer_a == layer_b and abs(a - b) <= 1e-5 * abs(a), (seen["eager"], seen["compiled"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # selective_moe's checkpointed MoE blocks run eagerly here (compiled regions would write to its cached tensors)
+    assert (counters["stats"]["unique_graphs"] > 0) == (ac != "selective_moe")
 
 
-def test_moe_blocks_compile_under_expert_parallelism_and_fsdp2_and_equal_eager():
-    """Compile before FSDP2, as parallelize does: under EP=2 and FSDP2 a compiled MoE block gives the eager sharded
-    model's loss, (full) gradients and counts. fullgraph=True does not hold here: the experts are their own FSDP2
-    unit, whose hooks (run inside the block) dynamo skips, and a skipped call is a graph break (docs/moe.md)."""
-    _spawn(_fsdp_compiled_equals_eager)
-
-
-def _fsdp_compiled_selective_moe_equals_eager(rank: int) -> None:
-    eager = _sharded(_expert_parallel(_model()))
-    compiled = _expert_parallel(_model())
-    apply_activation_checkpointing(compiled, "selective_moe")
-    for block in compiled.blocks:
-        block.compile()
-    _sharded(compiled)  # as parallelize: AC, compile, then FSDP2
-    _assert_same_step(_full(_step(eager, rank)), _full(_step(compiled, rank)), rtol=1e-5, atol=1e-6)
-
-
-def test_compiled_selective_moe_checkpointing_under_fsdp2_equals_eager():
-    """Under FSDP2 a block's call runs FSDP2's hooks, which a fullgraph compiled checkpoint cannot trace: such blocks
-    take the eager checkpoint (it crashed with torch._dynamo.exc.Unsupported before) and equal no checkpointing."""
-    _spawn(_fsdp_compiled_selective_moe_equals_eager)
+@pytest.mark.parametrize("ep, ac", [(True, "none"), (False, "none"), (True, "full"), (True, "selective_moe")])
+def test_moe_blocks_compile_with_fullgraph_under_fsdp2_by_regions_and_equal_eager(ep, ac):
+    """With the experts their own FSDP2 unit (EP=2, or parallel.expert_fsdp=own) an MoE block is compiled by regions
+    (diffv2/parallel/compile.py), each with fullgraph=True, so FSDP2's hooks on the experts sit between graphs, not
+    inside one: no graph breaks; loss, full gradients, counts and the observed statistics equal the eager sharded
+    model, with and without activation checkpointing. Under selective_moe the MoE blocks run eagerly (README): a
+    fullgraph compiled checkpoint cannot trace FSDP2's hooks (it crashed with torch._dynamo.exc.Unsupported once),
+    and compiled regions inside the eager checkpoint would write to the tensors it caches."""
+    _spawn(functools.partial(_regions_compiled_equal_eager, ep=ep, ac=ac))

@@ -72,6 +72,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.norm_eps) if a.qk_norm else None
         self.rope = RotaryEmbedding(d, cfg.max_seq_len, a.rope_theta, a.rope_style)
         self.observer: Optional[Observer] = None
+        self.defer_stats = False  # `_emit`: keep the statistics for the caller (attention compiled as its own region)
+        self.deferred: Optional[dict] = None
         # How a DIFF V2 pair is combined: `combine` below; GPU inference installs its one-kernel version from outside
         # (diffv2/infer/fused_combine.py).
         self.combine_fn: Callable = combine
@@ -154,13 +156,28 @@ class Attention(nn.Module):
             return causal_attention(q_BNQD, k_BLKD, v_BLKD, self.backend, doc_ids_BN)
         return cache.attend(q_BNQD, k_BLKD, v_BLKD, self.backend)  # bottom-right causal over the cached slots
 
-    @torch.compiler.disable
     def _emit(self, stats: dict) -> None:
-        """Hand the statistics to the observer, outside any compiled graph: a compiled block breaks its graph here
-        (its statistics tensors become outputs) instead of tracing the observer, which would specialise the graph on
-        this layer's index and recompile once per layer. The same graphs serve a checkpointed block's recomputation,
-        which the observer has seen already. The slot is read here, outside the graph: emptied since the caller
-        decided to observe, the statistics are dropped."""
+        """Hand the statistics to the observer. With `defer_stats` (set when the attention is compiled as a region
+        of its own, diffv2/parallel/compile.py) they are kept in `deferred` instead, which a compiled graph does as
+        a side effect, without a break, and the caller outside the graph delivers them (`deliver_deferred`)."""
+        if self.defer_stats:
+            self.deferred = stats
+        else:
+            self._deliver(stats)
+
+    def deliver_deferred(self) -> None:
+        """Deliver (and drop) what `_emit` deferred."""
+        stats, self.deferred = self.deferred, None
+        if stats is not None:
+            self._deliver(stats)
+
+    @torch.compiler.disable
+    def _deliver(self, stats: dict) -> None:
+        """Call the observer, outside any compiled graph: a compiled block breaks its graph here (its statistics
+        tensors become outputs) instead of tracing the observer, which would specialise the graph on this layer's
+        index and recompile once per layer. The same graphs serve a checkpointed block's recomputation, which the
+        observer has seen already. The slot is read here, outside the graph: emptied since the caller decided to
+        observe, the statistics are dropped."""
         if self.observer is not None and not recomputing():
             self.observer(self.layer_idx, stats)
 

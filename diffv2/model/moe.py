@@ -145,6 +145,17 @@ class MoE(nn.Module):
                 "z_loss": self.last_z_loss, "expert_bias": self.expert_bias}
 
     def forward(self, x_BNM: torch.Tensor) -> torch.Tensor:
+        """Three stages: `front` (routing, the expert-sorted slots, the shared expert), `dispatch` (the slots through
+        the experts), `back` (the weighted sum). Compiled as a whole block they trace as one graph; when the experts
+        are an FSDP2 unit of their own, whose hooks no graph may hold, `front`, `back` and the experts' forward are
+        compiled apart (diffv2/parallel/compile.py)."""
+        x_TM, order_A, weights_TK, x_SM, plan, shared_TM = self.front(x_BNM)
+        y_SM = self.dispatch(self.experts, x_SM, plan)
+        return self.back(y_SM, order_A, weights_TK, shared_TM, x_TM).view_as(x_BNM)
+
+    def front(self, x_BNM: torch.Tensor):
+        """(x_TM, order_A, weights_TK, x_SM, plan, shared_TM): routing and its statistics, the slots sorted by
+        expert and capped at the capacity, the dispatcher's plan, the shared expert's output (or None)."""
         x_TM = x_BNM.reshape(-1, x_BNM.shape[-1])
         dtype = torch.promote_types(x_TM.dtype, torch.float32)  # routing in fp32 (fp64 in gradient checks)
         with torch.autocast(x_TM.device.type, enabled=False):
@@ -160,7 +171,28 @@ class MoE(nn.Module):
             0, experts_A, torch.ones_like(experts_A)).float()
         self._account(logits_TE, scores_TE, routed_E)
 
-        return self._experts(x_TM, experts_TK, weights_TK, routed_E).view_as(x_BNM)
+        t = x_TM.shape[0]
+        order_A = experts_A.argsort(stable=True)  # slots grouped by expert, token order within an expert
+        tokens_E = routed_E.long()
+        if self.cfg.capacity_factor > 0:
+            capacity = math.ceil(self.cfg.capacity_factor * t * self.top_k / self.n_experts)
+            first_E = tokens_E.cumsum(0) - tokens_E
+            rank_A = torch.arange(order_A.numel(), device=x_TM.device) - first_E[experts_A[order_A]]
+            order_A = order_A[rank_A < capacity]  # later tokens of an over-full expert are dropped
+            tokens_E = tokens_E.clamp(max=capacity)
+        plan = self.dispatch.plan(tokens_E)  # under EP: counts exchanged and split sizes copied while the rest queues
+        x_SM = x_TM[order_A // self.top_k]
+        shared_TM = self.shared_expert(x_TM) if self.shared_expert is not None else None
+        return x_TM, order_A, weights_TK, x_SM, plan, shared_TM
+
+    def back(self, y_SM, order_A, weights_TK, shared_TM, x_TM) -> torch.Tensor:
+        """The experts' outputs un-sorted into (T, K) slots (dropped slots stay 0), weighted and summed: no atomics,
+        deterministic; plus the shared expert's."""
+        t, m = x_TM.shape
+        y_AM = y_SM.new_zeros(t * self.top_k, m).index_copy(0, order_A, y_SM)
+        y_TKM = y_AM.view(t, self.top_k, m)
+        y_TM = (y_TKM * weights_TK.unsqueeze(-1).to(y_TKM.dtype)).sum(1).to(x_TM.dtype)
+        return y_TM if shared_TM is None else y_TM + shared_TM
 
     def _account(self, logits_TE, scores_TE, routed_E) -> None:
         """Statistics and the router losses; the global-batch token counts come from every rank."""
@@ -200,27 +232,6 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert.copy_(counts[0])
                 self.load_since_update.copy_(counts[1])
-
-    def _experts(self, x_TM, experts_TK, weights_TK, routed_E) -> torch.Tensor:
-        t, m = x_TM.shape
-        expert_A = experts_TK.flatten()
-        order_A = expert_A.argsort(stable=True)  # slots grouped by expert, token order within an expert
-        tokens_E = routed_E.long()
-        if self.cfg.capacity_factor > 0:
-            capacity = math.ceil(self.cfg.capacity_factor * t * self.top_k / self.n_experts)
-            first_E = tokens_E.cumsum(0) - tokens_E
-            rank_A = torch.arange(order_A.numel(), device=x_TM.device) - first_E[expert_A[order_A]]
-            order_A = order_A[rank_A < capacity]  # later tokens of an over-full expert are dropped
-            tokens_E = tokens_E.clamp(max=capacity)
-        plan = self.dispatch.plan(tokens_E)  # under EP: counts exchanged and split sizes copied while the rest queues
-        x_SM = x_TM[order_A // self.top_k]
-        shared_TM = self.shared_expert(x_TM) if self.shared_expert is not None else None
-        y_SM = self.dispatch(self.experts, x_SM, plan)
-        # Un-sort into (T, K) slots (dropped slots stay 0) and take the weighted sum: no atomics, deterministic.
-        y_AM = y_SM.new_zeros(t * self.top_k, m).index_copy(0, order_A, y_SM)
-        y_TKM = y_AM.view(t, self.top_k, m)
-        y_TM = (y_TKM * weights_TK.unsqueeze(-1).to(y_TKM.dtype)).sum(1).to(x_TM.dtype)
-        return y_TM if shared_TM is None else y_TM + shared_TM
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -97,8 +98,7 @@ class ExpertDispatcher(ABC):
         return self  # holds no tensors, only process groups, which cannot be copied: a copied model shares it
 
 
-@dataclass
-class _Plan:
+class _Plan(NamedTuple):  # a tuple: it leaves a compiled `MoE.front` as graph outputs
     recv_PG: torch.Tensor  # slots each rank sends to each of this rank's experts (device)
     splits_2P: torch.Tensor  # [slots sent to each rank, slots received from each rank], on its way to the host
 

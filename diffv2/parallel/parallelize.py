@@ -7,7 +7,8 @@
     2. expert parallelism  (parallel.ep > 1: diffv2/parallel/expert.py, over (dp_mod_ep, ep) of the dp ranks)
     3. activation checkpointing  (parallel.activation_checkpoint: none | full | selective every ac_every blocks;
                                   diffv2/parallel/activation_checkpoint.py)
-    4. compile             (trainer.compile: every block; compilation itself happens lazily at the first call)
+    4. compile             (trainer.compile: every block, whole, or by regions with fullgraph=True where the
+                            experts become an FSDP2 unit of their own; diffv2/parallel/compile.py)
     5. FSDP2               (fully_shard each MoE layer's experts as their own unit under EP or
                             parallel.expert_fsdp=own, each block, then the root)
     6. materialise         (parallel.meta_init: allocate and draw the weights after sharding, before the optimizer)
@@ -40,6 +41,7 @@ from torch import nn
 
 from diffv2.parallel import dist as pdist
 from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
+from diffv2.parallel.compile import apply_compile
 from diffv2.parallel.norms import DisjointMeshes
 
 
@@ -113,9 +115,9 @@ def parallelize(model: nn.Module, cfg, device: torch.device, param_dtype: Option
         for moe in model.moe_layers():
             moe.count_reducer = sum_over_ranks
     apply_activation_checkpointing(model, p.activation_checkpoint, p.ac_every)  # 3. activation checkpointing
-    if cfg.trainer.compile:  # 4. compile
-        for block in model.blocks:
-            block.compile()
+    if cfg.trainer.compile:  # 4. compile: by regions where the experts will be an FSDP2 unit of their own
+        regions = apply_compile(model, regions=layout.sharded and (p.ep > 1 or p.expert_fsdp == "own"))
+        layout.text += f", {regions}" if regions else ""
     if layout.sharded:  # 5. FSDP2
         _fully_shard(model, layout, ep_mesh, p, param_dtype)
     if materialize:  # 6. a meta-device build gets its memory and weights now, sharded
