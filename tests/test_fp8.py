@@ -248,52 +248,43 @@ def tp_cfg(variant: str) -> ModelConfig:
                        max_seq_len=32, attention=AttentionConfig(variant=variant))
 
 
-def _tp_worker(rank: int, port: int) -> None:
-    import os
-
-    import torch.distributed as dist
+def _tp_worker(rank: int) -> None:
     from torch.distributed.tensor import DTensor
 
     from diffv2.parallel.parallelize import parallelize
     from diffv2.parallel.tensor import head_shared, sum_head_shared_grads
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        # parallelize's own path (step 0 converts, step 1 shards), with the CPU standing in for an SM89+ GPU:
-        # torchao's emulated FP8 casts, and every FP8-compatible layer converted (the size rule would skip them all)
-        float8.check_fp8 = lambda recipe, device: None
-        make_config = float8.float8_config
-        float8.float8_config = lambda recipe, fsdp: dataclasses.replace(make_config(recipe, fsdp), emulate=True)
-        float8.fp8_filter = lambda recipe: fp8_compatible
-        full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
-        for variant, recipe in TP_CASES:
-            torch.manual_seed(0)
-            ref = Transformer(tp_cfg(variant))
-            model = copy.deepcopy(ref)
-            float8.convert(ref, emulated(recipe), fp8_compatible)  # tp=1, FP8
-            cfg = compose_cfg(f"trainer.fp8={recipe}", "parallel.tp=2")
-            layout = parallelize(model, cfg, torch.device("cpu"))
-            q_proj = model.blocks[0].attn.q_proj
-            assert type(q_proj).__name__ == "Float8Linear" and isinstance(q_proj.weight, DTensor), variant
-            assert not q_proj.config.enable_fsdp_float8_all_gather  # FSDP2 gathers bf16 under TP
-            g = torch.Generator().manual_seed(1)
-            tokens_BN = torch.randint(0, 64, (2, 17), generator=g)
-            losses = []
-            for m in (ref, model):
-                loss = m.loss(tokens_BN[:, :-1], tokens_BN[:, 1:])[0]
-                loss.backward()
-                losses.append(loss.detach())
-            params = dict(model.named_parameters())
-            sum_head_shared_grads([params[n] for n in head_shared(model)], layout.mesh["tp"].get_group())
-            torch.testing.assert_close(full(losses[1]), losses[0], rtol=1e-5, atol=1e-6)
-            want = dict(ref.named_parameters())
-            for name, p in params.items():  # the same FP8 casts (scales of whole tensors), other summation order
-                torch.testing.assert_close(full(p.grad), want[name].grad, rtol=1e-4, atol=1e-6,
-                                           msg=lambda msg: f"{variant} {recipe} {name}: {msg}")
-    finally:
-        dist.destroy_process_group()
+    # parallelize's own path (step 0 converts, step 1 shards), with the CPU standing in for an SM89+ GPU:
+    # torchao's emulated FP8 casts, and every FP8-compatible layer converted (the size rule would skip them all)
+    float8.check_fp8 = lambda recipe, device: None
+    make_config = float8.float8_config
+    float8.float8_config = lambda recipe, fsdp: dataclasses.replace(make_config(recipe, fsdp), emulate=True)
+    float8.fp8_filter = lambda recipe: fp8_compatible
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    for variant, recipe in TP_CASES:
+        torch.manual_seed(0)
+        ref = Transformer(tp_cfg(variant))
+        model = copy.deepcopy(ref)
+        float8.convert(ref, emulated(recipe), fp8_compatible)  # tp=1, FP8
+        cfg = compose_cfg(f"trainer.fp8={recipe}", "parallel.tp=2")
+        layout = parallelize(model, cfg, torch.device("cpu"))
+        q_proj = model.blocks[0].attn.q_proj
+        assert type(q_proj).__name__ == "Float8Linear" and isinstance(q_proj.weight, DTensor), variant
+        assert not q_proj.config.enable_fsdp_float8_all_gather  # FSDP2 gathers bf16 under TP
+        g = torch.Generator().manual_seed(1)
+        tokens_BN = torch.randint(0, 64, (2, 17), generator=g)
+        losses = []
+        for m in (ref, model):
+            loss = m.loss(tokens_BN[:, :-1], tokens_BN[:, 1:])[0]
+            loss.backward()
+            losses.append(loss.detach())
+        params = dict(model.named_parameters())
+        sum_head_shared_grads([params[n] for n in head_shared(model)], layout.mesh["tp"].get_group())
+        torch.testing.assert_close(full(losses[1]), losses[0], rtol=1e-5, atol=1e-6)
+        want = dict(ref.named_parameters())
+        for name, p in params.items():  # the same FP8 casts (scales of whole tensors), other summation order
+            torch.testing.assert_close(full(p.grad), want[name].grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda msg: f"{variant} {recipe} {name}: {msg}")
 
 
 @needs_torchao
@@ -301,14 +292,9 @@ def test_tensor_parallel_fp8_equals_one_rank_fp8():
     """trainer.fp8 with parallel.tp=2 through parallelize gives the loss and gradients of the unsharded FP8 model,
     for DIFF V2, the baseline and DIFF V1, both recipes. The plain TP styles shard the FP8 layers: a tensorwise
     scale is the amax of the whole DTensor (reduced over the shards), so every cast equals tp=1's."""
-    import socket
+    from gloo import spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_tp_worker, args=(port,), nprocs=2, join=True)
+    spawn(_tp_worker, 2)
 
 
 # --- GPU: the FP8 GEMMs themselves ---

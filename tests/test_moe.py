@@ -7,22 +7,21 @@ Legend: T tokens, M d_model, E experts, K top_k.
 from __future__ import annotations
 
 import copy
+import functools
 import json
-import os
 import shutil
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cli_runs import train
+from gloo import spawn
 from diffv2.train.callbacks import TrainContext, to_host
 from diffv2.config import Config, ModelConfig, MoEConfig, register_configs
 from diffv2.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -304,23 +303,17 @@ EP_CASES = [dict(n_shared_experts=1, aux_loss_coef=0.1, z_loss_coef=0.01),
             dict(router="sigmoid", balance="aux_free", capacity_factor=1.0, z_loss_coef=0.01)]
 
 
-def _ep_worker(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        from diffv2.parallel.expert import apply_expert_parallel
+def _ep_worker(rank: int, world: int) -> None:
+    from diffv2.parallel.expert import apply_expert_parallel
 
-        for case in EP_CASES:
-            full = make_moe(n_experts=2 * world, top_k=2, **case)  # two local experts per rank: regrouping matters
-            full.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.0, 0.2]).repeat(world // 2))
-            sharded = copy.deepcopy(full)
-            apply_expert_parallel(sharded, dist.group.WORLD)
-            for moe in (full, sharded):  # global-batch balance, as parallelize sets it with several ranks
-                moe.count_reducer = sum_over_ranks
-            _check_ep_matches_ep1(rank, full, sharded)
-    finally:
-        dist.destroy_process_group()
+    for case in EP_CASES:
+        full = make_moe(n_experts=2 * world, top_k=2, **case)  # two local experts per rank: regrouping matters
+        full.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.0, 0.2]).repeat(world // 2))
+        sharded = copy.deepcopy(full)
+        apply_expert_parallel(sharded, dist.group.WORLD)
+        for moe in (full, sharded):  # global-batch balance, as parallelize sets it with several ranks
+            moe.count_reducer = sum_over_ranks
+        _check_ep_matches_ep1(rank, full, sharded)
 
 
 def _check_ep_matches_ep1(rank: int, full: MoE, sharded: MoE) -> None:
@@ -344,15 +337,9 @@ def _check_ep_matches_ep1(rank: int, full: MoE, sharded: MoE) -> None:
     assert sharded.experts.w1.shape[0] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_expert_parallel_equals_ep1_outputs_and_gradients(ranks):
-    mp.spawn(_ep_worker, args=(ranks, _free_port()), nprocs=ranks, join=True)
+    spawn(functools.partial(_ep_worker, world=ranks), ranks)
 
 
 # --- presets and accounting --------------------------------------------------------------------------------------

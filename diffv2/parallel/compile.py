@@ -59,9 +59,8 @@ def compile_regions(block: nn.Module) -> None:
     # With a capacity limit the kept slots are as many as the routing leaves; else always T*K.
     moe.back = Region(moe, "back", varying=(0, 1) if moe.cfg.capacity_factor > 0 else ())
     moe.experts.forward = Region(moe.experts, "forward", varying=(0,))  # under EP: the slots this rank received
-    if moe.experts.impl == "loop" or (moe.experts.impl == "auto" and not torch.cuda.is_available()):
-        # the per-expert loop splits by sizes read on the host: symbolic ints in the graph instead of a break
-        torch._dynamo.config.capture_scalar_outputs = True
+    if moe.experts.impl != "grouped_mm":  # the per-expert loop (CPU tensors under "auto") splits by sizes read on
+        torch._dynamo.config.capture_scalar_outputs = True  # the host: symbolic ints in the graph, not a break
 
 
 class Region:
